@@ -1,0 +1,178 @@
+"""The `panseg` command: one subcommand per stage, each parsing its arguments and calling an API function.
+
+Parsing is strict (a misspelt flag or an abbreviation is an error) and heavy imports (Ray, torch,
+SimpleITK) happen inside the handlers, so `panseg --help` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Sequence
+
+EPILOG = """examples:
+  panseg phantom data/raw --cases 20 --healthy 4 --seed 0 --truth data/truth
+  panseg preprocess --raw data/raw --out data/store.zarr --preset paper --num-cpus 2
+  panseg config --preset tiny --set train.lr=0.003 --out my.yaml
+  panseg demo --workdir demo_work
+
+Every stage takes --preset {paper,seed-code,nnunet,tiny}, --config FILE (YAML/JSON) and repeated
+--set section.key=value; `panseg config --preset NAME` prints every key.
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse without prefix abbreviations: `--case` must not silently mean `--cases`."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("configuration")
+    group.add_argument("--preset", choices=["paper", "seed-code", "nnunet", "tiny"], default=None,
+                       help="base configuration (default: the config file's preset, else paper)")
+    group.add_argument("--config", metavar="FILE", default=None, help="YAML or JSON config applied on the preset")
+    group.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="overrides",
+                       help="override one key, e.g. --set train.lr=0.003 (repeatable)")
+
+
+def _add_ray_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("ray")
+    group.add_argument("--address", default=None,
+                       help="Ray cluster address ('auto' inside `ray job submit`); default: RAY_ADDRESS, else a local Ray")
+    group.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all)")
+
+
+def _config_from_args(args: argparse.Namespace):
+    from panseg.config import build_config
+
+    return build_config(args.preset, args.config, args.overrides)
+
+
+# ----------------------------------------------------------------------------------------------
+# Handlers: parse -> call the API -> print what was done. Nothing else.
+# ----------------------------------------------------------------------------------------------
+
+
+def _cmd_phantom(args: argparse.Namespace) -> int:
+    from panseg.phantom import write_cohort
+
+    summary = write_cohort(args.out, cases=args.cases, healthy=args.healthy, seed=args.seed, small=args.small,
+                           truth_dir=args.truth, organ_cohort=args.organ_cohort, workers=args.workers)
+    print(summary.describe())
+    print(f"wrote {args.out}" + (f" and complete lesion labels to {args.truth}" if args.truth else ""))
+    return 0
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    import yaml
+
+    from panseg.config import save_config, to_dict
+
+    cfg = _config_from_args(args)
+    if args.out:
+        save_config(cfg, args.out)
+        print(f"wrote {args.out}")
+    else:
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+    return 0
+
+
+def _cmd_preprocess(args: argparse.Namespace) -> int:
+    from panseg.data_pipeline import format_summary, run_preprocessing
+
+    cfg = _config_from_args(args)
+    if args.task:
+        from panseg.config import merge
+
+        cfg = merge(cfg, {"preprocess": {"task": args.task}})
+    result = run_preprocessing(args.raw, args.out, cfg.preprocess, organs_dir=args.organs, address=args.address,
+                               num_cpus=args.num_cpus, progress=not args.quiet)
+    print(format_summary(result))
+    return 0 if result.num_failed == 0 else 1
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from panseg.demo import run_demo
+
+    run_demo(args.workdir, cases=args.cases, healthy=args.healthy, seed=args.seed, num_cpus=args.num_cpus)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="panseg", description="Whole-body pan-cancer CT lesion segmentation on Ray "
+                     "(Crop and Segment, FLARE 2024 Task 1).", epilog=EPILOG)
+    from panseg import __version__
+
+    parser.add_argument("--version", action="version", version=f"panseg {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="STAGE", parser_class=_Parser)
+    sub.required = True
+
+    p = sub.add_parser("phantom", help="write a synthetic whole-body CT cohort in the raw layout",
+                       description="Write N diseased and K healthy synthetic CTs with organ pseudo-labels and "
+                       "partial tumor labels.", epilog="example:\n  panseg phantom data/raw --cases 20 --healthy 4 "
+                       "--seed 0 --truth data/truth")
+    p.add_argument("out", help="output folder (imagesTr/, labelsTr/, organsTr/ are created)")
+    p.add_argument("--cases", type=int, default=8, help="cases with lesions (default 8)")
+    p.add_argument("--healthy", type=int, default=2, help="healthy cases (default 2)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--small", action="store_true", help="small, coarse volumes for fast tests")
+    p.add_argument("--truth", default=None, metavar="DIR", help="also write complete lesion labels here")
+    p.add_argument("--organ-cohort", action="store_true",
+                   help="FLARE22-like organ cohort: labelsTr holds complete organ ids 1-13, no tumor labels")
+    p.add_argument("--workers", type=int, default=1, help="processes used to generate cases")
+    p.set_defaults(handler=_cmd_phantom)
+
+    p = sub.add_parser("config", help="print or save the configuration a preset and overrides give",
+                       epilog="example:\n  panseg config --preset tiny --set train.epochs=10 --out tiny10.yaml")
+    _add_config_args(p)
+    p.add_argument("--out", default=None, help="write to this .yaml/.json instead of printing")
+    p.set_defaults(handler=_cmd_config)
+
+    p = sub.add_parser("preprocess", help="crop, resample and fuse labels of a cohort into a Zarr store (Ray Data)",
+                       epilog="example:\n  panseg preprocess --raw data/raw --out data/store.zarr --preset paper\n"
+                       "  ray job submit --working-dir . -- panseg preprocess --raw /shared/raw "
+                       "--out /shared/store.zarr --address auto")
+    p.add_argument("--raw", required=True, help="raw cohort folder (imagesTr/, labelsTr/, optional organsTr/)")
+    p.add_argument("--out", required=True, help="the store to write, e.g. data/store.zarr (resumable)")
+    p.add_argument("--organs", default=None, metavar="DIR", help="organ pseudo-labels (default RAW/organsTr)")
+    p.add_argument("--task", choices=["tumor", "organs"], default=None,
+                   help="tumor: fuse organs and tumor (default); organs: labelsTr holds organ ids 1-13")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_config_args(p)
+    _add_ray_args(p)
+    p.set_defaults(handler=_cmd_preprocess)
+
+    p = sub.add_parser("demo", help="the pipeline on a synthetic cohort, end to end",
+                       epilog="example:\n  panseg demo --workdir demo_work --cases 8")
+    p.add_argument("--workdir", default="demo_work", help="where everything is written (default demo_work)")
+    p.add_argument("--cases", type=int, default=8)
+    p.add_argument("--healthy", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-cpus", type=int, default=None)
+    p.set_defaults(handler=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    from panseg.config import ConfigError
+
+    try:
+        return handler(args)
+    except ConfigError as err:
+        parser.exit(2, f"panseg {args.command}: config error: {err}\n")
+    except (FileNotFoundError, NotADirectoryError) as err:
+        parser.exit(2, f"panseg {args.command}: {err}\n")
+    except KeyboardInterrupt:
+        print(f"panseg {args.command}: interrupted; completed work is kept and a rerun resumes", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,375 @@
+"""Reading and writing CT images and masks with SimpleITK, and finding cases in a raw cohort.
+
+A `Volume` is a numpy array in (z, y, x) order with the geometry SimpleITK reports: spacing in array
+order, origin and direction in ITK's physical (x, y, z) order. Everything panseg writes goes through
+`write_volume`, which writes aside and renames, so a reader never sees a half-written file.
+
+Raw cohort layout (FLARE / nnU-Net):
+    RAW/imagesTr/<case>_0000.nii.gz   CT in HU
+    RAW/labelsTr/<case>.nii.gz        tumor annotation (or organ ids 1-13 for the organ task)
+    RAW/organsTr/<case>.nii.gz        optional organ pseudo-labels
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import re
+import struct
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+CASE_ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]+$")
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
+CHANNEL_SUFFIX = "_0000"
+
+
+class ImageReadError(ValueError):
+    """An image could not be read, or is not what the caller needs (named in the message)."""
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where a voxel grid lies in physical space.
+
+    Attributes:
+        shape_zyx: array shape (z, y, x).
+        spacing_zyx_mm: voxel size along the array axes.
+        origin_xyz_mm: physical position of voxel (0, 0, 0), ITK's (x, y, z) order.
+        direction_xyz: 3x3 direction cosines, row-major, as SimpleITK's GetDirection().
+    """
+
+    shape_zyx: tuple[int, int, int]
+    spacing_zyx_mm: tuple[float, float, float]
+    origin_xyz_mm: tuple[float, float, float]
+    direction_xyz: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+
+    def matches(self, other: Geometry, tolerance: float = 1e-4) -> bool:
+        """Same shape, and spacing/origin/direction equal within a relative tolerance."""
+        if tuple(self.shape_zyx) != tuple(other.shape_zyx):
+            return False
+        pairs = [
+            (self.spacing_zyx_mm, other.spacing_zyx_mm),
+            (self.origin_xyz_mm, other.origin_xyz_mm),
+            (self.direction_xyz, other.direction_xyz),
+        ]
+        scale = max(1.0, max(abs(v) for v in self.spacing_zyx_mm))
+        return all(np.allclose(a, b, rtol=tolerance, atol=tolerance * scale) for a, b in pairs)
+
+    def describe(self) -> str:
+        return (f"shape {tuple(self.shape_zyx)}, spacing {tuple(round(s, 4) for s in self.spacing_zyx_mm)} mm, "
+                f"origin {tuple(round(o, 2) for o in self.origin_xyz_mm)}")
+
+
+@dataclass(frozen=True)
+class Volume:
+    """A 3D array (z, y, x) with its geometry."""
+
+    array: np.ndarray
+    spacing_zyx_mm: tuple[float, float, float]
+    origin_xyz_mm: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    direction_xyz: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+
+    @property
+    def geometry(self) -> Geometry:
+        return Geometry(tuple(int(s) for s in self.array.shape), self.spacing_zyx_mm, self.origin_xyz_mm,
+                        self.direction_xyz)
+
+    def with_array(self, array: np.ndarray) -> Volume:
+        """The same geometry around another array of the same shape."""
+        if array.shape != self.array.shape:
+            raise ValueError(f"with_array needs shape {self.array.shape}, but it is {array.shape}")
+        return Volume(array, self.spacing_zyx_mm, self.origin_xyz_mm, self.direction_xyz)
+
+
+def to_sitk(volume: Volume) -> sitk.Image:
+    image = sitk.GetImageFromArray(volume.array)
+    image.SetSpacing(tuple(float(s) for s in reversed(volume.spacing_zyx_mm)))
+    image.SetOrigin(tuple(float(o) for o in volume.origin_xyz_mm))
+    image.SetDirection(tuple(float(d) for d in volume.direction_xyz))
+    return image
+
+
+def from_sitk(image: sitk.Image) -> Volume:
+    return Volume(
+        array=sitk.GetArrayFromImage(image),
+        spacing_zyx_mm=tuple(float(s) for s in reversed(image.GetSpacing())),
+        origin_xyz_mm=tuple(float(o) for o in image.GetOrigin()),
+        direction_xyz=tuple(float(d) for d in image.GetDirection()),
+    )
+
+
+def geometry_of(image: sitk.Image) -> Geometry:
+    return Geometry(
+        shape_zyx=tuple(int(s) for s in reversed(image.GetSize())),
+        spacing_zyx_mm=tuple(float(s) for s in reversed(image.GetSpacing())),
+        origin_xyz_mm=tuple(float(o) for o in image.GetOrigin()),
+        direction_xyz=tuple(float(d) for d in image.GetDirection()),
+    )
+
+
+def read_sitk(path: str | Path, threads: int | None = None) -> sitk.Image:
+    """Read a 3D image file or a DICOM series folder as a SimpleITK image.
+
+    Raises:
+        ImageReadError: the file is missing, unreadable (corrupt, truncated) or not 3D.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ImageReadError(f"{path} does not exist")
+    try:
+        if path.is_dir():
+            image = _read_dicom_series(path)
+        else:
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(str(path))
+            if threads:
+                reader.SetNumberOfWorkUnits(threads)
+            image = reader.Execute()
+            _check_nifti_complete(path, image)
+    except RuntimeError as err:
+        raise ImageReadError(f"{path} could not be read (corrupt or truncated?): {_itk_reason(err)}") from None
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise ImageReadError(
+            f"{path} must be a 3D single-channel image, but it has {image.GetDimension()} dimensions "
+            f"and {image.GetNumberOfComponentsPerPixel()} components, size {image.GetSize()}"
+        )
+    return image
+
+
+def _itk_reason(err: Exception) -> str:
+    """ITK's multi-line exception text condensed to its informative tail."""
+    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    return text[-300:] if text else "unknown error"
+
+
+def _nifti_expected_bytes(header: bytes, image: sitk.Image) -> int:
+    """Header offset plus voxel bytes that a complete NIfTI-1 or NIfTI-2 file holds."""
+    for endian in "<>":
+        sizeof_hdr = struct.unpack(endian + "i", header[:4])[0]
+        if sizeof_hdr == 348:
+            vox_offset = int(struct.unpack(endian + "f", header[108:112])[0])
+            break
+        if sizeof_hdr == 540:
+            vox_offset = struct.unpack(endian + "q", header[168:176])[0]
+            break
+    else:
+        raise RuntimeError("not a NIfTI header (sizeof_hdr is neither 348 nor 540)")
+    voxels = int(np.prod(image.GetSize())) * image.GetNumberOfComponentsPerPixel()
+    return vox_offset + voxels * image.GetSizeOfPixelComponent()
+
+
+def _check_nifti_complete(path: Path, image: sitk.Image) -> None:
+    """Raise RuntimeError when a NIfTI file holds fewer voxel bytes than its header promises.
+
+    ITK's NIfTI reader fills a truncated file's missing voxels silently (seen with SimpleITK 2.5),
+    so a cut-off download would otherwise pass as a CT whose lower half is zeros.
+    """
+    name = path.name
+    if name.endswith(".nii"):
+        with open(path, "rb") as f:
+            expected = _nifti_expected_bytes(f.read(540), image)
+        actual = path.stat().st_size
+    elif name.endswith(".nii.gz"):
+        with gzip.open(path, "rb") as f:
+            expected = _nifti_expected_bytes(f.read(540), image)
+        with open(path, "rb") as f:  # gzip's trailer holds the uncompressed size modulo 2**32
+            f.seek(-4, os.SEEK_END)
+            actual = struct.unpack("<I", f.read(4))[0]
+        if actual == expected % 2**32:
+            return
+        actual = _gunzipped_size(path)  # a multi-member file: count for real
+    else:
+        return
+    if actual < expected:
+        raise RuntimeError(f"truncated NIfTI: {actual} of {expected} bytes present")
+
+
+def _gunzipped_size(path: Path) -> int:
+    size = 0
+    try:
+        with gzip.open(path, "rb") as f:
+            while chunk := f.read(16 * 2**20):
+                size += len(chunk)
+    except (EOFError, OSError, gzip.BadGzipFile):
+        pass  # a truncated stream: the bytes counted so far are all there is
+    return size
+
+
+def read_volume(path: str | Path, threads: int | None = None) -> Volume:
+    """Read a 3D image as a `Volume` (array in (z, y, x) order, dtype as stored)."""
+    return from_sitk(read_sitk(path, threads))
+
+
+def read_geometry(path: str | Path) -> Geometry:
+    """The geometry of an image file from its header alone (the voxels are not read)."""
+    path = Path(path)
+    if path.is_dir():
+        return geometry_of(_read_dicom_series(path))
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as err:
+        raise ImageReadError(f"{path} could not be read: {_itk_reason(err)}") from None
+    size = reader.GetSize()
+    if len(size) != 3:
+        raise ImageReadError(f"{path} must be 3D, but its size is {size}")
+    return Geometry(
+        shape_zyx=tuple(int(s) for s in reversed(size)),
+        spacing_zyx_mm=tuple(float(s) for s in reversed(reader.GetSpacing())),
+        origin_xyz_mm=tuple(float(o) for o in reader.GetOrigin()),
+        direction_xyz=tuple(float(d) for d in reader.GetDirection()),
+    )
+
+
+def _read_dicom_series(folder: Path) -> sitk.Image:
+    reader = sitk.ImageSeriesReader()
+    series = reader.GetGDCMSeriesIDs(str(folder))
+    if not series:
+        raise ImageReadError(f"{folder} holds no DICOM series")
+    if len(series) > 1:
+        raise ImageReadError(f"{folder} holds {len(series)} DICOM series; give a folder with exactly one")
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder), series[0]))
+    return reader.Execute()
+
+
+def write_volume(volume: Volume, path: str | Path, compress: bool = True) -> Path:
+    """Write a volume atomically: to a hidden temporary file beside `path`, then rename.
+
+    The format follows the suffix (.nii.gz, .nii, .mha, .nrrd). A DICOM series is read-only here.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = _image_suffix(path.name)
+    if suffix is None:
+        raise ValueError(f"cannot write {path}: the suffix must be one of {', '.join(IMAGE_SUFFIXES)}")
+    tmp = path.with_name(f".tmp-{uuid.uuid4().hex[:8]}-{path.name}")
+    try:
+        sitk.WriteImage(to_sitk(volume), str(tmp), compress)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def _image_suffix(name: str) -> str | None:
+    for suffix in IMAGE_SUFFIXES:
+        if name.endswith(suffix):
+            return suffix
+    return None
+
+
+def strip_image_suffix(name: str) -> str | None:
+    """File name without its image suffix, or None when the name is not an image file."""
+    suffix = _image_suffix(name)
+    return name[: -len(suffix)] if suffix else None
+
+
+def validate_case_id(case_id: str) -> None:
+    """Raise ValueError unless `case_id` is safe as a file and Zarr group name."""
+    if not CASE_ID_PATTERN.match(case_id) or case_id in (".", ".."):
+        raise ValueError(f"case id {case_id!r} is invalid: it must match [A-Za-z0-9._-]+ (no path separators or spaces)")
+
+
+# ----------------------------------------------------------------------------------------------
+# Cohort discovery
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CaseFiles:
+    """The files of one case. `error` is set when the case cannot be processed as found."""
+
+    case_id: str
+    image: str | None
+    label: str | None = None
+    organs: str | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Cohort:
+    root: str
+    cases: tuple[CaseFiles, ...] = field(default_factory=tuple)
+
+    @property
+    def valid(self) -> tuple[CaseFiles, ...]:
+        return tuple(c for c in self.cases if c.error is None)
+
+    @property
+    def invalid(self) -> tuple[CaseFiles, ...]:
+        return tuple(c for c in self.cases if c.error is not None)
+
+
+def _entries_by_stem(folder: Path, strip_channel: bool) -> dict[str, Path]:
+    """Image files (and DICOM folders for images) in `folder`, keyed by case id."""
+    found: dict[str, Path] = {}
+    if not folder.is_dir():
+        return found
+    for entry in sorted(folder.iterdir()):
+        if entry.name.startswith("."):
+            continue  # temporary files of an atomic write, editor files
+        stem = strip_image_suffix(entry.name) if entry.is_file() else (entry.name if strip_channel else None)
+        if stem is None:
+            continue
+        if strip_channel:
+            if not stem.endswith(CHANNEL_SUFFIX):
+                continue
+            stem = stem[: -len(CHANNEL_SUFFIX)]
+        found[stem] = entry
+    return found
+
+
+def discover_cohort(raw_dir: str | Path, organs_dir: str | Path | None = None,
+                    images_dir: str | Path | None = None) -> Cohort:
+    """Find the cases of a raw cohort.
+
+    Args:
+        raw_dir: folder with imagesTr/ and optionally labelsTr/ and organsTr/.
+        organs_dir: organ pseudo-label folder; default RAW/organsTr when it exists.
+        images_dir: image folder when it is not RAW/imagesTr (e.g. a plain folder for prediction).
+
+    Returns:
+        A Cohort whose cases are sorted by id. Problems that concern one case (an invalid id, an organ
+        or label file without an image) are recorded on that case as `error`, not raised, so the
+        other cases go on.
+
+    Raises:
+        FileNotFoundError: the image folder does not exist or holds no images.
+    """
+    raw = Path(raw_dir)
+    images_folder = Path(images_dir) if images_dir else raw / "imagesTr"
+    if not images_folder.is_dir():
+        raise FileNotFoundError(f"no image folder {images_folder}: a raw cohort needs imagesTr/<case>_0000.nii.gz")
+    images = _entries_by_stem(images_folder, strip_channel=True)
+    if not images:
+        raise FileNotFoundError(f"{images_folder} holds no images named <case>_0000.<nii.gz|nii|mha|nrrd>")
+    labels = _entries_by_stem(raw / "labelsTr", strip_channel=False)
+    organs_folder = Path(organs_dir) if organs_dir else raw / "organsTr"
+    organs = _entries_by_stem(organs_folder, strip_channel=False)
+
+    cases = []
+    for case_id in sorted(set(images) | set(labels) | set(organs)):
+        image = images.get(case_id)
+        error = None
+        try:
+            validate_case_id(case_id)
+        except ValueError as err:
+            error = str(err)
+        if error is None and image is None:
+            where = "labelsTr" if case_id in labels else organs_folder.name
+            error = f"case {case_id}: {where} has a file but imagesTr has no {case_id}{CHANNEL_SUFFIX} image"
+        cases.append(CaseFiles(
+            case_id=case_id,
+            image=str(image) if image else None,
+            label=str(labels[case_id]) if case_id in labels else None,
+            organs=str(organs[case_id]) if case_id in organs else None,
+            error=error,
+        ))
+    return Cohort(root=str(raw), cases=tuple(cases))
