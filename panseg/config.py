@@ -135,18 +135,19 @@ class AugmentConfig:
     p_scale: float = 0.2
     scale_range: tuple[float, float] = (0.7, 1.4)
     p_noise: float = 0.1
-    noise_variance: tuple[float, float] = (0.0, 0.1)
-    p_blur: float = 0.2
+    noise_variance: tuple[float, float] = (0.0, 0.01)  # nnU-Net's 0.1 is a std on z-scored CT; ours is [0, 1]
+    p_blur: float = 0.1  # nnU-Net: 0.2 per sample x 0.5 per channel
     blur_sigma: tuple[float, float] = (0.5, 1.0)
     p_brightness: float = 0.15
     brightness_range: tuple[float, float] = (0.75, 1.25)
     p_contrast: float = 0.15
     contrast_range: tuple[float, float] = (0.75, 1.25)
-    p_lowres: float = 0.25
+    p_lowres: float = 0.125  # nnU-Net: 0.25 per sample x 0.5 per channel
     lowres_zoom: tuple[float, float] = (0.5, 1.0)
     p_gamma: float = 0.3
     p_gamma_inverted: float = 0.1
     gamma_range: tuple[float, float] = (0.7, 1.5)
+    gamma_retain_stats: bool = True  # nnU-Net restores mean and std after gamma
     p_mirror: float = 0.5  # per axis
 
     def __post_init__(self) -> None:
@@ -177,6 +178,7 @@ class TrainConfig:
     tumor_weight: float = 5.0  # loss weight of tumor relative to each organ (paper: 5)
     background_weight: float = 1.0
     dice_include_background: bool = False
+    batch_dice: bool = True  # Dice over the whole (per-worker) batch, as nnU-Net's 3d_fullres
     tumor_sampling_ratio: float = 5.0  # tumor is drawn this many times as often as each organ
     random_patch_fraction: float = 0.0  # share of patches centred anywhere, not on a class voxel
     precision: Literal["bf16", "fp32"] = "bf16"  # autocast dtype on GPU; CPU always runs fp32
