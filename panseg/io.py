@@ -131,8 +131,9 @@ def read_sitk(path: str | Path, threads: int | None = None) -> sitk.Image:
                 reader.SetNumberOfWorkUnits(threads)
             image = reader.Execute()
             _check_nifti_complete(path, image)
+            _check_nifti_finite(path, image)
     except RuntimeError as err:
-        raise ImageReadError(f"{path} could not be read (corrupt or truncated?): {_itk_reason(err)}") from None
+        raise ImageReadError(f"{path} could not be read: {_itk_reason(err)}") from None
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise ImageReadError(
             f"{path} must be a 3D single-channel image, but it has {image.GetDimension()} dimensions "
@@ -187,6 +188,27 @@ def _check_nifti_complete(path: Path, image: sitk.Image) -> None:
         return
     if actual < expected:
         raise RuntimeError(f"truncated NIfTI: {actual} of {expected} bytes present")
+
+
+def _check_nifti_finite(path: Path, image: sitk.Image) -> None:
+    """Raise RuntimeError when a floating-point NIfTI file stores NaN voxels.
+
+    ITK's NIfTI reader turns NaN into 0 (seen with SimpleITK 2.5), which would pass a broken CT as
+    one with patches of water; the file's own bytes are checked instead. Integer CTs (the usual
+    case) cost nothing here.
+    """
+    dtype = {sitk.sitkFloat32: np.float32, sitk.sitkFloat64: np.float64}.get(image.GetPixelID())
+    if dtype is None or not path.name.endswith((".nii", ".nii.gz")):
+        return
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        header = f.read(540)
+        offset = _nifti_expected_bytes(header, image) - int(np.prod(image.GetSize())) * np.dtype(dtype).itemsize
+        f.seek(offset)
+        data = np.frombuffer(f.read(), dtype=dtype)
+    bad = int(np.isnan(data).sum())
+    if bad:
+        raise RuntimeError(f"{bad} voxel(s) are NaN; a CT must hold finite Hounsfield units")
 
 
 def _gunzipped_size(path: Path) -> int:

@@ -1,0 +1,232 @@
+"""`panseg preprocess`: the paper's preprocessing over a whole cohort with Ray Data, into a Zarr store.
+
+A thin Ray shell around `preprocess.preprocess_case` and `store.write_case`:
+- cases stream through one Ray Data `map`; only file paths travel through Ray, each task reads its
+  own CT, preprocesses it and writes it to the store, and returns a small manifest row;
+- each task asks Ray for 1 CPU and the memory a case of this cohort needs (estimated from image
+  headers), so Ray never starts more volumes at once than memory holds, and a 10k-case cohort is
+  never materialised;
+- a case becomes visible in the store only when complete, so a rerun skips completed cases and
+  redoes only what is missing; one bad case becomes a `failed` manifest row and the rest go on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from panseg.config import PreprocessConfig, from_dict, to_dict
+from panseg.io import CaseFiles, ImageReadError, discover_cohort, read_geometry
+from panseg.preprocess import CaseError, preprocess_case
+from panseg.store import (
+    case_manifest_row,
+    create_store,
+    failed_row,
+    list_complete_cases,
+    write_case,
+    write_manifest,
+)
+
+# Peak memory of one case relative to its voxel count: the int16 input, a float32 working copy and the
+# resampled float32 image, plus labels (measured in bench/preprocess.py).
+BYTES_PER_INPUT_VOXEL = 12
+MIN_TASK_MEMORY = 256 * 2**20
+HEADER_SAMPLE = 64
+
+
+@dataclass(frozen=True)
+class PreprocessResult:
+    store: str
+    rows: tuple[dict, ...]
+    skipped: int  # complete in the store before this run
+    seconds: float
+
+    @property
+    def num_ok(self) -> int:
+        return sum(r["status"] == "ok" for r in self.rows)
+
+    @property
+    def num_unlabelled(self) -> int:
+        return sum(r["status"] == "unlabelled" for r in self.rows)
+
+    @property
+    def num_failed(self) -> int:
+        return sum(r["status"] == "failed" for r in self.rows)
+
+
+def task_memory_bytes(cases: list[CaseFiles], sample: int = HEADER_SAMPLE) -> int:
+    """Memory to reserve per preprocessing task: the largest sampled case's voxels times the bytes a voxel costs.
+
+    Headers are read (not voxels) for an evenly spread sample of cases; unreadable headers are
+    skipped here and reported by the case's own task.
+    """
+    step = max(1, len(cases) // sample)
+    largest = 0
+    for case in cases[::step][:sample]:
+        try:
+            shape = read_geometry(case.image).shape_zyx
+        except (ImageReadError, RuntimeError, OSError):
+            continue
+        largest = max(largest, shape[0] * shape[1] * shape[2])
+    return max(MIN_TASK_MEMORY, int(largest * BYTES_PER_INPUT_VOXEL * 1.25))
+
+
+def process_one(case: CaseFiles, store_path: str, cfg: PreprocessConfig, threads: int = 1) -> dict:
+    """Preprocess one case into the store and return its manifest row; never raises for a bad case."""
+    start = time.perf_counter()
+    node = _node_name()
+    try:
+        result = preprocess_case(case, cfg, threads=threads)
+        nbytes = write_case(store_path, result)
+        return case_manifest_row(result, nbytes=nbytes, seconds=time.perf_counter() - start, node=node)
+    except CaseError as err:
+        return failed_row(case, str(err), seconds=time.perf_counter() - start, node=node)
+    except Exception as err:  # an unexpected failure of one case must not stop the cohort
+        message = f"case {case.case_id}: unexpected {type(err).__name__}: {err}"
+        return failed_row(case, message, seconds=time.perf_counter() - start, node=node)
+
+
+def _node_name() -> str:
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.get_runtime_context().get_node_id()
+    except Exception:  # outside Ray, or Ray half-started: the host name is still informative
+        pass
+    return socket.gethostname()
+
+
+def _map_row(row: dict, store_path: str, cfg_json: str, threads: int) -> dict:
+    """The Ray Data map function: a row of file paths in, a manifest row (as JSON) out."""
+    cfg = from_dict(PreprocessConfig, json.loads(cfg_json))
+    case = CaseFiles(**row)
+    return {"row_json": json.dumps(process_one(case, store_path, cfg, threads))}
+
+
+def run_preprocessing(
+    raw_dir: str | Path,
+    store_path: str | Path,
+    cfg: PreprocessConfig,
+    organs_dir: str | Path | None = None,
+    address: str | None = None,
+    num_cpus: int | None = None,
+    progress: bool = True,
+) -> PreprocessResult:
+    """Preprocess every case of a raw cohort into `store_path`, in parallel with Ray Data.
+
+    Args:
+        raw_dir: the raw cohort (imagesTr/, labelsTr/, optional organsTr/).
+        store_path: the Zarr store; created if missing, resumed if present.
+        cfg: preprocessing config (must equal the store's if the store exists).
+        organs_dir: organ pseudo-label folder (default RAW/organsTr).
+        address: Ray cluster address ('auto' on a cluster); None uses RAY_ADDRESS or a local Ray.
+        num_cpus: CPUs of a local Ray (ignored with an address).
+        progress: print a progress line (cases done, failed, rate).
+
+    Returns:
+        The manifest rows of every case (this run's and those complete before it).
+    """
+    start = time.perf_counter()
+    store_path = str(store_path)
+    cohort = discover_cohort(raw_dir, organs_dir)
+    create_store(store_path, cfg)
+    complete = set(list_complete_cases(store_path))
+    todo = [c for c in cohort.valid if c.case_id not in complete]
+    rows = [failed_row(c, c.error) for c in cohort.invalid]
+    rows += _rows_of_complete(store_path, [c for c in cohort.valid if c.case_id in complete])
+    if todo:
+        rows += _run_ray(todo, store_path, cfg, address, num_cpus, progress)
+    rows.sort(key=lambda r: r["case_id"])
+    write_manifest(store_path, rows)
+    return PreprocessResult(store_path, tuple(rows), skipped=len(complete), seconds=time.perf_counter() - start)
+
+
+def _rows_of_complete(store_path: str, cases: list[CaseFiles]) -> list[dict]:
+    from panseg.store import read_case_manifest_row
+
+    return [read_case_manifest_row(store_path, c.case_id) for c in cases]
+
+
+def _run_ray(todo: list[CaseFiles], store_path: str, cfg: PreprocessConfig, address: str | None,
+             num_cpus: int | None, progress: bool) -> list[dict]:
+    import ray
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address=address, num_cpus=None if address else num_cpus, log_to_driver=False,
+                 include_dashboard=False if not address else None,
+                 runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1"}})
+    try:
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False
+        ctx.print_on_execution_start = False
+        memory = task_memory_bytes(todo)
+        cfg_json = json.dumps(to_dict(cfg))
+        # One case per block, so cases are scheduled one by one across every node.
+        ds = ray.data.from_items([asdict(c) for c in todo], override_num_blocks=len(todo))
+        ds = ds.map(_map_row, fn_kwargs={"store_path": os.path.abspath(store_path) if "://" not in store_path
+                                         else store_path, "cfg_json": cfg_json, "threads": 1},
+                    num_cpus=1, memory=memory)
+        meter = _Progress(len(todo), enabled=progress)
+        rows = []
+        for out in ds.iter_rows():
+            row = json.loads(out["row_json"])
+            rows.append(row)
+            meter.update(row)
+        meter.close()
+        return rows
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+class _Progress:
+    """One line on stderr: cases done/total, failed, rate, ETA."""
+
+    def __init__(self, total: int, enabled: bool = True):
+        self.total, self.enabled = total, enabled
+        self.done = self.failed = 0
+        self.start = time.perf_counter()
+
+    def update(self, row: dict) -> None:
+        self.done += 1
+        self.failed += row["status"] == "failed"
+        if not self.enabled:
+            return
+        elapsed = time.perf_counter() - self.start
+        rate = self.done / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+        end = "\n" if self.done == self.total else ""
+        print(f"\rpreprocess: {self.done}/{self.total} cases, {self.failed} failed, {rate * 60:.1f} cases/min, "
+              f"ETA {eta:.0f} s   ", end=end, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.enabled and self.done < self.total:
+            print(file=sys.stderr)
+
+
+def format_summary(result: PreprocessResult) -> str:
+    """The table printed at the end of `panseg preprocess`."""
+    lines = [
+        f"store: {result.store}",
+        f"cases: {len(result.rows)}  ok: {result.num_ok}  unlabelled: {result.num_unlabelled}  "
+        f"failed: {result.num_failed}  (already complete before this run: {result.skipped}; {result.seconds:.1f} s)",
+    ]
+    fallbacks = [r for r in result.rows if r.get("crop_reason") == "body_fallback"]
+    if fallbacks:
+        lines.append(f"crop fell back to the body box in {len(fallbacks)} case(s): "
+                     + ", ".join(r["case_id"] for r in fallbacks[:10]))
+    failed = [r for r in result.rows if r["status"] == "failed"]
+    if failed:
+        lines.append("failed cases:")
+        lines += [f"  {r['case_id']}: {r['error']}" for r in failed]
+    return "\n".join(lines)
+
+
+__all__ = ["PreprocessResult", "format_summary", "process_one", "run_preprocessing", "task_memory_bytes"]

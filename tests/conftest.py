@@ -1,0 +1,29 @@
+"""Shared fixtures: a local Ray for the tests that need one, and small phantom cohorts."""
+
+import os
+
+import pytest
+
+# Before Ray is imported anywhere: no auth token, no usage reporting (DESIGN.md, "Ray on these machines").
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray instance with 2 CPUs for the whole test session, shut down at the end."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def small_cohort(tmp_path_factory):
+    """6 diseased + 2 healthy small phantom cases with complete truth labels."""
+    from panseg.phantom import write_cohort
+
+    root = tmp_path_factory.mktemp("cohort")
+    write_cohort(root / "raw", cases=6, healthy=2, seed=0, small=True, truth_dir=root / "truth")
+    return root
