@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 EPILOG = """examples:
   panseg phantom data/raw --cases 20 --healthy 4 --seed 0 --truth data/truth
   panseg preprocess --raw data/raw --out data/store.zarr --preset paper --num-cpus 2
+  panseg train --store data/store.zarr --out runs/tiny --preset tiny --local
   panseg config --preset tiny --set train.lr=0.003 --out my.yaml
   panseg demo --workdir demo_work
 
@@ -95,6 +96,25 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
     return 0 if result.num_failed == 0 else 1
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from panseg.train_loop import make_job, summarize_run, train_distributed, train_local
+
+    cfg = _config_from_args(args)
+    job = make_job(cfg, args.store, args.out, split_file=args.split, resume=args.resume,
+                   stop_after_epochs=args.stop_after_epochs)
+    print(f"train: {len(job.train_ids)} training and {len(job.val_ids)} validation cases; run directory {job.run_dir}")
+    if args.gpu and not args.workers:
+        print("panseg train: --gpu needs --workers N (local mode uses a GPU when there is one)", file=sys.stderr)
+        return 2
+    if args.workers:
+        train_distributed(job, num_workers=args.workers, use_gpu=args.gpu, cpus_per_worker=args.cpus_per_worker,
+                          max_failures=args.max_failures, address=args.address)
+    else:
+        train_local(job)
+    print(summarize_run(job.run_dir))
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from panseg.demo import run_demo
 
@@ -145,6 +165,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     _add_ray_args(p)
     p.set_defaults(handler=_cmd_preprocess)
+
+    p = sub.add_parser("train", help="train the U-Net on a store: locally, or DDP over Ray Train workers",
+                       epilog="examples:\n  panseg train --store data/store.zarr --out runs/tiny --preset tiny --local\n"
+                       "  panseg train --store data/store.zarr --out runs/paper --workers 4 --gpu --address auto\n"
+                       "  panseg train --store data/store.zarr --out runs/paper --resume")
+    p.add_argument("--store", required=True, help="the Zarr store written by `panseg preprocess`")
+    p.add_argument("--out", required=True, help="run directory: config, split, checkpoints, metrics, models")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--local", action="store_true", help="one process, no Ray Train (the default; pdb works)")
+    mode.add_argument("--workers", type=int, default=None, help="DDP over this many Ray Train workers")
+    p.add_argument("--gpu", action="store_true", help="one GPU per worker (NCCL); without it, CPU workers (gloo)")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--max-failures", type=int, default=2, help="worker failures to recover from (default 2)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--split", default=None, metavar="FILE", help="train/val split JSON (default RUN/split.json, "
+                   "created seeded if absent)")
+    p.add_argument("--stop-after-epochs", type=int, default=None, metavar="N",
+                   help="train N epochs in this call, then stop (continue later with --resume)")
+    _add_config_args(p)
+    p.add_argument("--address", default=None, help="Ray cluster address for --workers ('auto' on a cluster)")
+    p.set_defaults(handler=_cmd_train)
 
     p = sub.add_parser("demo", help="the pipeline on a synthetic cohort, end to end",
                        epilog="example:\n  panseg demo --workdir demo_work --cases 8")

@@ -1,0 +1,136 @@
+"""Training-step and data-loading throughput on CPU.
+
+    python bench/train_step.py --out bench/results/train_step.json
+    python bench/train_step.py --patch 48 64 64 --steps 5 --sampler-cases 2 --sampler-patches 40
+
+Two measurements, each against its reference in the same run:
+1. Iterations per second of the full paper model (features 32-320, 15 classes, deep supervision,
+   the paper's loss) at a reduced patch, for panseg's UNet3D and for nnU-Net's PlainConvUNet
+   (dynamic-network-architectures) built with the same plan, same batch, same optimiser; the two
+   alternate step by step so machine noise hits both alike. Target: panseg / nnU-Net time <= 1.05.
+2. The sampler's patches per second per CPU core at the paper's 96x128x160 patch from a store of
+   realistic phantom cases preprocessed with the paper preset (one thread, image + label, scaled).
+   Target: >= 30 patches/s/core, so a GPU step (~0.3 s for batch 2) never waits on data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def _nnunet_model(cfg, strides, num_classes):
+    from dynamic_network_architectures.architectures.unet import PlainConvUNet
+
+    return PlainConvUNet(
+        input_channels=1, n_stages=len(strides), features_per_stage=list(cfg.model.features_per_stage),
+        conv_op=torch.nn.Conv3d, kernel_sizes=[[3, 3, 3]] * len(strides), strides=[list(s) for s in strides],
+        n_conv_per_stage=[2] * len(strides), num_classes=num_classes, n_conv_per_stage_decoder=[2] * (len(strides) - 1),
+        conv_bias=True, norm_op=torch.nn.InstanceNorm3d, norm_op_kwargs={"eps": 1e-5, "affine": True},
+        nonlin=torch.nn.LeakyReLU, nonlin_kwargs={"negative_slope": 1e-2, "inplace": True}, deep_supervision=True)
+
+
+def bench_steps(patch: tuple[int, int, int], steps: int, batch: int) -> dict:
+    from panseg.config import preset
+    from panseg.training_parts import make_loss, make_model, make_optimizer
+
+    cfg = preset("paper")
+    torch.manual_seed(0)
+    ours = make_model(cfg)
+    theirs = _nnunet_model(cfg, ours.strides, ours.num_classes)
+    with torch.no_grad():  # same weights: the parameters map one to one, in order
+        for mine, ref in zip(ours.parameters(), theirs.parameters(), strict=True):
+            ref.copy_(mine)
+    loss = make_loss(cfg, len(ours.strides) - 1)
+    image = torch.rand(batch, 1, *patch)
+    label = torch.randint(0, 15, (batch, 1, *patch))
+    models = {"panseg": ours, "nnunet": theirs}
+    optimizers = {k: make_optimizer(m, cfg.train) for k, m in models.items()}
+    times: dict[str, list[float]] = {k: [] for k in models}
+    for step in range(steps + 1):  # step 0 warms up both
+        for name, model in models.items():
+            start = time.perf_counter()
+            optimizers[name].zero_grad(set_to_none=True)
+            value = loss(model(image), label)
+            value.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 12.0)
+            optimizers[name].step()
+            if step:
+                times[name].append(time.perf_counter() - start)
+    median = {k: statistics.median(v) for k, v in times.items()}
+    return {"patch_zyx": list(patch), "batch": batch, "steps": steps, "threads": torch.get_num_threads(),
+            "seconds_per_step": median, "iterations_per_second": {k: 1 / v for k, v in median.items()},
+            "ratio_panseg_over_nnunet": median["panseg"] / median["nnunet"]}
+
+
+def build_store(workdir: Path, cases: int) -> Path:
+    from panseg.config import preset
+    from panseg.data_pipeline import process_one
+    from panseg.io import discover_cohort
+    from panseg.phantom import write_cohort
+    from panseg.store import create_store, write_manifest
+
+    raw, store = workdir / "raw", workdir / "store.zarr"
+    write_cohort(raw, cases=cases, healthy=0, seed=0, small=False)
+    cfg = preset("paper").preprocess
+    create_store(store, cfg)
+    rows = [process_one(c, str(store), cfg, threads=2) for c in discover_cohort(raw).valid]
+    write_manifest(store, rows)
+    return store
+
+
+def bench_sampler(store: Path, patches: int) -> dict:
+    from panseg.config import preset
+    from panseg.sampling import PatchSampler
+    from panseg.store import read_manifest
+
+    cfg = preset("paper")
+    ids = [r["case_id"] for r in read_manifest(store) if r["status"] == "ok"]
+    sampler = PatchSampler(str(store), ids, cfg.train.patch_size_zyx, cfg.train.tumor_sampling_ratio, 0.0,
+                           cfg.preprocess.clip_hu)
+    sampler.batch(0, 0, 2)  # open the cases once, as a long training run has
+    start, cpu_start = time.perf_counter(), time.process_time()
+    for i in range(patches // 2):
+        sampler.batch(1, i, 2)
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    return {"patch_zyx": list(cfg.train.patch_size_zyx), "patches": patches // 2 * 2, "cases": len(ids),
+            "patches_per_second_wall": patches / wall, "patches_per_cpu_second": patches / cpu}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
+    parser.add_argument("--patch", type=int, nargs=3, default=[48, 64, 64], help="reduced training patch (z y x)")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--sampler-cases", type=int, default=3)
+    parser.add_argument("--sampler-patches", type=int, default=60)
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)  # one core, so the figures are per core
+    result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.processor() or platform.machine()}, "
+              f"{os.cpu_count()} cores", "torch": torch.__version__}
+    result["train_step"] = bench_steps(tuple(args.patch), args.steps, args.batch)
+    print(json.dumps(result["train_step"], indent=2), flush=True)
+    with tempfile.TemporaryDirectory(prefix="panseg-bench-") as tmp:
+        store = build_store(Path(tmp), args.sampler_cases)
+        result["sampler"] = bench_sampler(store, args.sampler_patches)
+    print(json.dumps(result["sampler"], indent=2))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

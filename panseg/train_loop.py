@@ -1,0 +1,380 @@
+"""Training: one per-worker loop for local debug runs, Ray Train DDP over any number of workers and nodes,
+and Tune trials.
+
+`train_loop_per_worker(config)` unpacks its config into a `TrainJob` first, then builds data, model,
+loss and optimiser, restores the last checkpoint if there is one, and loops over epochs, reporting
+every epoch. The same function runs:
+- locally (`train_local`): one process, no Ray Train, CPU or one GPU, so pdb works;
+- under `TorchTrainer` (`train_distributed`): DDP with NCCL on GPUs or gloo on CPUs, restarts from
+  the last checkpoint when a worker dies (`FailureConfig`);
+- inside a Tune trial (tune_search.py builds a TorchTrainer per trial).
+
+Rank 0 writes checkpoints to RUN/checkpoints/epoch_NNNN, the metrics to RUN/metrics.jsonl and
+RUN/metrics.csv, and RUN/model_best and RUN/model_final; every rank reports.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from panseg.checkpoint import TrainingState, latest_checkpoint, load_checkpoint, save_checkpoint
+from panseg.config import TUMOR_ID, PansegConfig, TrainConfig, config_from_json, config_to_json
+from panseg.sampling import PatchSampler
+from panseg.training_parts import (
+    Session,
+    build_training_parts,
+    lr_at_epoch,
+    make_model,
+    make_session,
+    validate,
+)
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """Everything a worker needs beyond the config; travels through Ray as a plain dict."""
+
+    cfg: PansegConfig
+    store: str
+    run_dir: str
+    train_ids: tuple[str, ...]
+    val_ids: tuple[str, ...]
+    resume: bool = False
+    stop_after_epochs: int | None = None  # train this many epochs in this run, then stop (resumable)
+    report_to_tune: bool = False
+
+    def to_dict(self) -> dict:
+        return {"cfg_json": config_to_json(self.cfg), "store": self.store, "run_dir": self.run_dir,
+                "train_ids": list(self.train_ids), "val_ids": list(self.val_ids), "resume": self.resume,
+                "stop_after_epochs": self.stop_after_epochs, "report_to_tune": self.report_to_tune}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainJob:
+        return cls(cfg=config_from_json(data["cfg_json"]), store=data["store"], run_dir=data["run_dir"],
+                   train_ids=tuple(data["train_ids"]), val_ids=tuple(data["val_ids"]), resume=data["resume"],
+                   stop_after_epochs=data["stop_after_epochs"], report_to_tune=data.get("report_to_tune", False))
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """The training loop of one worker (see the module docstring)."""
+    job = TrainJob.from_dict(config)
+    cfg, tcfg = job.cfg, job.cfg.train
+    session = make_session(job.run_dir, job.report_to_tune)
+    _record_worker(job.run_dir, session)
+    torch.manual_seed(tcfg.seed)  # identical initial weights on every rank
+    parts = build_training_parts(cfg, job.store, session.device)
+    start_epoch, best = _restore(job, session, parts)
+    model = session.wrap(parts.model)
+    sampler = PatchSampler(job.store, list(job.train_ids), tcfg.patch_size_zyx, tcfg.tumor_sampling_ratio,
+                           tcfg.random_patch_fraction, cfg.preprocess.clip_hu, tumor_id=TUMOR_ID,
+                           seed=tcfg.seed, rank=session.rank)
+    end_epoch = tcfg.epochs if job.stop_after_epochs is None else min(tcfg.epochs, start_epoch + job.stop_after_epochs)
+    iterations = max(1, math.ceil(tcfg.iterations_per_epoch / session.world_size))
+    log = _MetricsLog(job.run_dir) if session.rank == 0 else None
+    with ThreadPoolExecutor(max_workers=max(1, tcfg.loader_threads)) as pool:
+        for epoch in range(start_epoch, end_epoch):
+            started = time.perf_counter()
+            lr = lr_at_epoch(tcfg, epoch)
+            for group in parts.optimizer.param_groups:
+                group["lr"] = lr
+            train_loss = _train_epoch(model, parts, sampler, pool, tcfg, epoch, iterations, session)
+            metrics = {"epoch": epoch + 1, "train_loss": train_loss, "lr": lr,
+                       "epoch_seconds": time.perf_counter() - started, "world_size": session.world_size}
+            last = epoch + 1 == end_epoch
+            if (epoch + 1) % tcfg.val_every_epochs == 0 or last:
+                metrics.update(validate(parts.model, cfg, job.store, list(job.val_ids), session))
+            best, is_best = _update_best(best, metrics, cfg)
+            metrics["best_val"] = best
+            checkpoint_dir = None
+            if (epoch + 1) % tcfg.checkpoint_every_epochs == 0 or last or is_best:
+                checkpoint_dir = _write_checkpoints(job, session, parts, epoch + 1, best, is_best,
+                                                    final=epoch + 1 == tcfg.epochs)
+            if log:
+                log.append({**metrics, "time": time.time()})
+            session.report(metrics, checkpoint_dir)
+
+
+def _record_worker(run_dir: str, session: Session) -> None:
+    """RUN/workers/rank_N.json: which process and host runs each rank (for operators and fault drills)."""
+    import socket
+
+    folder = Path(run_dir) / "workers"
+    folder.mkdir(parents=True, exist_ok=True)
+    info = {"rank": session.rank, "world_size": session.world_size, "pid": os.getpid(),
+            "host": socket.gethostname(), "device": str(session.device), "started": time.time()}
+    tmp = folder / f".rank_{session.rank}.json.tmp"
+    tmp.write_text(json.dumps(info))
+    os.replace(tmp, folder / f"rank_{session.rank}.json")
+
+
+def _train_epoch(model, parts, sampler: PatchSampler, pool: ThreadPoolExecutor, tcfg: TrainConfig, epoch: int,
+                 iterations: int, session: Session) -> float:
+    """One epoch of `iterations` steps; batches are read ahead by the thread pool. Returns the mean loss."""
+    model.train()
+    ahead = max(1, tcfg.loader_threads) * 2
+    futures = {i: pool.submit(sampler.batch, epoch, i, tcfg.batch_size) for i in range(min(ahead, iterations))}
+    total = 0.0
+    for it in range(iterations):
+        if it + ahead < iterations:
+            futures[it + ahead] = pool.submit(sampler.batch, epoch, it + ahead, tcfg.batch_size)
+        images, labels = futures.pop(it).result()
+        image = torch.from_numpy(images).to(session.device, non_blocking=True)  # (B, 1, D, H, W)
+        label = torch.from_numpy(labels).to(session.device, non_blocking=True)
+        generator = torch.Generator(device="cpu").manual_seed(_step_seed(tcfg.seed, session.rank, epoch, it))
+        image, label = parts.augment(image, label, generator)
+        total += _step(model, parts, image, label.long(), tcfg, session)
+    return total / iterations
+
+
+def _step_seed(seed: int, rank: int, epoch: int, iteration: int) -> int:
+    return int(np.random.SeedSequence([seed, rank, epoch, iteration, 7]).generate_state(1)[0])
+
+
+def _step(model, parts, image: torch.Tensor, label: torch.Tensor, tcfg: TrainConfig, session: Session) -> float:
+    parts.optimizer.zero_grad(set_to_none=True)
+    use_bf16 = session.device.type == "cuda" and tcfg.precision == "bf16"
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
+        outputs = model(image)
+        loss = parts.loss(outputs, label)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip_norm)
+    parts.optimizer.step()
+    return float(loss.detach())
+
+
+def _restore(job: TrainJob, session: Session, parts) -> tuple[int, float | None]:
+    """Load the last checkpoint (Ray Train's after a restart, else RUN/checkpoints with --resume)."""
+    directory = session.restart_checkpoint()
+    if directory is None and job.resume:
+        directory = latest_checkpoint(Path(job.run_dir) / "checkpoints")
+    if directory is None:
+        return 0, None
+    state = load_checkpoint(directory, map_location=session.device)
+    parts.model.load_state_dict(state.model)
+    if state.optimizer is not None:
+        parts.optimizer.load_state_dict(state.optimizer)
+    if state.torch_rng is not None:
+        torch.set_rng_state(state.torch_rng)
+    if session.rank == 0:
+        print(f"train: resumed from {directory} after epoch {state.epoch}", flush=True)
+    return state.epoch, state.best_metric
+
+
+def _update_best(best: float | None, metrics: dict, cfg: PansegConfig) -> tuple[float | None, bool]:
+    value = metrics.get(cfg.tune.metric)
+    if value is None:
+        return best, False
+    better = best is None or (value > best if cfg.tune.mode == "max" else value < best)
+    return (value, True) if better else (best, False)
+
+
+def _write_checkpoints(job: TrainJob, session: Session, parts, epochs_done: int, best: float | None,
+                       is_best: bool, final: bool) -> Path | None:
+    """Rank 0 writes checkpoints (all ranks return the directory so every rank reports it)."""
+    run = Path(job.run_dir)
+    directory = run / "checkpoints" / f"epoch_{epochs_done:04d}"
+    if session.rank == 0:
+        state = TrainingState(job.cfg, epochs_done, parts.model.state_dict(), parts.optimizer.state_dict(),
+                              best, torch.get_rng_state())
+        save_checkpoint(state, directory)
+        if is_best:
+            save_checkpoint(TrainingState(job.cfg, epochs_done, parts.model.state_dict(), None, best), run / "model_best")
+        if final:
+            save_checkpoint(TrainingState(job.cfg, epochs_done, parts.model.state_dict(), None, best), run / "model_final")
+        _prune_checkpoints(run / "checkpoints", keep=2)
+    session.barrier()
+    return directory if session.rank == 0 else None
+
+
+def _prune_checkpoints(folder: Path, keep: int) -> None:
+    import shutil
+
+    complete = sorted(d for d in folder.glob("epoch_*") if d.is_dir())
+    for old in complete[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+class _MetricsLog:
+    """metrics.jsonl and metrics.csv in the run directory (and TensorBoard scalars when installed)."""
+
+    def __init__(self, run_dir: str):
+        self.run = Path(run_dir)
+        self.run.mkdir(parents=True, exist_ok=True)
+        self.writer = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.run / "tensorboard"))
+        except ImportError:  # tensorboard is optional (the viz extra)
+            pass
+
+    def append(self, metrics: dict) -> None:
+        with open(self.run / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        rows = [json.loads(line) for line in (self.run / "metrics.jsonl").read_text().splitlines() if line]
+        rows = _last_per_epoch(rows)
+        keys = sorted({k for r in rows for k in r}, key=lambda k: (k != "epoch", k))
+        tmp = self.run / ".metrics.csv.tmp"
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, self.run / "metrics.csv")
+        if self.writer:
+            for key, value in metrics.items():
+                if key != "epoch" and isinstance(value, (int, float)) and value is not None:
+                    self.writer.add_scalar(key, value, metrics["epoch"])
+            self.writer.flush()
+
+
+def _last_per_epoch(rows: list[dict]) -> list[dict]:
+    """After a resume an epoch may be logged twice; the later entry wins."""
+    by_epoch = {r["epoch"]: r for r in rows}
+    return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Drivers: the split, local debug mode, and Ray Train DDP
+# ----------------------------------------------------------------------------------------------
+
+
+def load_or_create_split(store: str, split_file: str | Path, val_fraction: float, seed: int) -> dict:
+    """Train/val case ids: read `split_file`, or create it (seeded) from the store's complete labelled cases.
+
+    Raises:
+        ValueError: too few labelled cases, or the file names cases the store lacks.
+    """
+    from panseg.store import read_manifest
+
+    ok = sorted(r["case_id"] for r in read_manifest(store) if r["status"] == "ok")
+    path = Path(split_file)
+    if path.is_file():
+        split = json.loads(path.read_text())
+        unknown = sorted((set(split.get("train", [])) | set(split.get("val", []))) - set(ok))
+        if unknown or not split.get("train"):
+            raise ValueError(f"split file {path} names cases that are not complete labelled cases of {store}: "
+                             f"{unknown[:5]}; delete it to create a new split")
+        return split
+    if len(ok) < 2:
+        raise ValueError(f"store {store} has {len(ok)} labelled case(s); training needs at least 2 (1 to validate)")
+    order = np.random.default_rng(seed).permutation(len(ok))
+    n_val = min(len(ok) - 1, max(1, round(len(ok) * val_fraction)))
+    split = {"seed": seed, "val": sorted(ok[i] for i in order[:n_val]), "train": sorted(ok[i] for i in order[n_val:])}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(split, indent=2))
+    os.replace(tmp, path)
+    return split
+
+
+def make_job(cfg: PansegConfig, store: str, run_dir: str, split_file: str | None = None, resume: bool = False,
+             stop_after_epochs: int | None = None) -> TrainJob:
+    """Check the store against the config, write RUN/config.yaml, and fix the split."""
+    from panseg.config import save_config
+    from panseg.store import read_store_config
+
+    store_cfg = read_store_config(store)
+    if store_cfg != cfg.preprocess:
+        cfg = _with_store_preprocessing(cfg, store_cfg)
+    make_model(cfg)  # a patch the network cannot take fails here, before any worker starts
+    run = Path(run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    if resume and not (run / "config.yaml").is_file():
+        raise FileNotFoundError(f"--resume: {run} holds no config.yaml, so there is no run to resume")
+    save_config(cfg, run / "config.yaml")
+    split = load_or_create_split(store, split_file or run / "split.json", cfg.train.val_fraction, cfg.train.seed)
+    return TrainJob(cfg, str(Path(store).resolve()) if "://" not in store else store, str(run.resolve()),
+                    tuple(split["train"]), tuple(split["val"]), resume, stop_after_epochs)
+
+
+def _with_store_preprocessing(cfg: PansegConfig, store_cfg) -> PansegConfig:
+    """Training always uses the preprocessing the store was made with (it decides classes and spacing)."""
+    from dataclasses import replace
+
+    print(f"train: using the store's preprocessing config (task {store_cfg.task}, spacing "
+          f"{store_cfg.target_spacing_zyx_mm}) instead of the preset's", flush=True)
+    return replace(cfg, preprocess=store_cfg)
+
+
+def train_local(job: TrainJob) -> Path:
+    """Local debug mode: the loop in this process (no Ray), CPU or one GPU. Returns the run directory."""
+    train_loop_per_worker(job.to_dict())
+    return Path(job.run_dir)
+
+
+def train_distributed(job: TrainJob, num_workers: int, use_gpu: bool, cpus_per_worker: float = 1.0,
+                      max_failures: int = 2, address: str | None = None) -> Path:
+    """DDP over `num_workers` Ray Train workers (any number of nodes); restarts from the last checkpoint
+    when a worker dies, up to `max_failures` times.
+    """
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address=address, log_to_driver=True)
+    try:
+        _check_cluster_fits(num_workers, use_gpu, cpus_per_worker)
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config=job.to_dict(),
+            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+            scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, placement_strategy="SPREAD",
+                                         resources_per_worker={"CPU": cpus_per_worker}),
+            run_config=RunConfig(name="ray_train", storage_path=str(Path(job.run_dir) / "ray"),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=2),
+                                 failure_config=FailureConfig(max_failures=max_failures)),
+        )
+        trainer.fit()
+    finally:
+        if started_here:
+            ray.shutdown()
+    return Path(job.run_dir)
+
+
+def summarize_run(run_dir: str | Path) -> str:
+    """A few lines on a finished run: epochs, last and best validation, where the models are."""
+    run = Path(run_dir)
+    rows = _last_per_epoch([json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x]) \
+        if (run / "metrics.jsonl").is_file() else []
+    if not rows:
+        return f"train: no epoch finished in {run}"
+    last = rows[-1]
+    vals = [r for r in rows if "val_tumor_dsc" in r or "val_organ_dsc" in r]
+    lines = [f"train: {last['epoch']} epochs, last train loss {last['train_loss']:.4f}"]
+    if vals:
+        key = "val_tumor_dsc" if "val_tumor_dsc" in vals[-1] else "val_organ_dsc"
+        lines.append(f"train: {key} by epoch: " + ", ".join(f"{r['epoch']}: {r[key]:.3f}" for r in vals))
+    for name in ("model_best", "model_final"):
+        if (run / name).is_dir():
+            lines.append(f"train: {name}: {run / name}")
+    return "\n".join(lines)
+
+
+def _check_cluster_fits(num_workers: int, use_gpu: bool, cpus_per_worker: float) -> None:
+    """Fail before training when the cluster cannot hold the workers (Ray would wait forever)."""
+    import ray
+
+    total = ray.cluster_resources()
+    need_cpu = num_workers * cpus_per_worker
+    if total.get("CPU", 0) < need_cpu:
+        raise RuntimeError(f"{num_workers} workers x {cpus_per_worker} CPU need {need_cpu} CPUs, but the cluster "
+                           f"has {total.get('CPU', 0)}; use fewer --workers or add nodes")
+    if use_gpu and total.get("GPU", 0) < num_workers:
+        raise RuntimeError(f"{num_workers} GPU workers need {num_workers} GPUs, but the cluster has "
+                           f"{total.get('GPU', 0)}; drop --gpu or add GPU nodes")
+
+
+__all__ = ["TrainJob", "load_or_create_split", "make_job", "summarize_run", "train_distributed", "train_local",
+           "train_loop_per_worker"]

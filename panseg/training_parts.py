@@ -1,0 +1,232 @@
+"""The pieces the training loop is assembled from: where it runs (a Session), what it trains (model,
+loss, optimiser, augmentation), the learning-rate schedule, and validation by sliding window.
+
+A `Session` hides whether the loop runs in one local process or as a Ray Train worker: rank, world
+size, device, wrapping the model for DDP, a barrier, reporting, and the checkpoint Ray Train hands a
+restarted worker. Nothing here starts Ray.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from panseg.augment import augment_batch
+from panseg.config import TUMOR_ID, PansegConfig, TrainConfig, label_names
+from panseg.losses import DeepSupervisionLoss, DiceCELoss, class_weights, deep_supervision_weights
+from panseg.metrics import flare_case_scores
+from panseg.model import build_model
+from panseg.sliding_window import sliding_window_logits
+from panseg.store import read_case
+
+# ----------------------------------------------------------------------------------------------
+# Sessions
+# ----------------------------------------------------------------------------------------------
+
+
+class Session:
+    """One local process: rank 0 of 1, CUDA if available."""
+
+    rank = 0
+    world_size = 1
+
+    def __init__(self) -> None:
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model
+
+    def barrier(self) -> None:
+        pass
+
+    def all_reduce_sum(self, values: list[float]) -> list[float]:
+        return values
+
+    def report(self, metrics: dict, checkpoint_dir: Path | None) -> None:
+        epoch = metrics["epoch"]
+        shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items() if k != "epoch"}
+        print(f"train: epoch {epoch} {shown}", flush=True)
+
+    def restart_checkpoint(self) -> Path | None:
+        return None
+
+
+class RayTrainSession(Session):
+    """A Ray Train worker: DDP through Ray's process group, reports through `ray.train.report`."""
+
+    def __init__(self, report_to_tune: bool = False) -> None:
+        import ray.train
+        import ray.train.torch
+
+        context = ray.train.get_context()
+        self.rank = context.get_world_rank()
+        self.world_size = context.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self._restored_dir: tempfile.TemporaryDirectory | None = None
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        import ray.train.torch
+
+        if self.world_size == 1:
+            return model
+        # Without deep supervision the lower heads get no gradient; DDP must be told.
+        unused = not getattr(model, "deep_supervision", True)
+        return ray.train.torch.prepare_model(model, move_to_device=False,
+                                             parallel_strategy_kwargs={"find_unused_parameters": unused})
+
+    def barrier(self) -> None:
+        if self.world_size > 1 and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+
+    def all_reduce_sum(self, values: list[float]) -> list[float]:
+        if self.world_size == 1 or not torch.distributed.is_initialized():
+            return values
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(tensor)
+        return tensor.tolist()
+
+    def report(self, metrics: dict, checkpoint_dir: Path | None) -> None:
+        import ray.train
+
+        if self.rank == 0:
+            super().report(metrics, checkpoint_dir)
+        checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+    def restart_checkpoint(self) -> Path | None:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        self._restored_dir = tempfile.TemporaryDirectory(prefix="panseg-restore-")
+        return Path(checkpoint.to_directory(self._restored_dir.name))
+
+
+def make_session(run_dir: str, report_to_tune: bool = False) -> Session:
+    """A Ray Train session inside a Ray Train worker, else a local one."""
+    try:
+        import ray.train
+
+        ray.train.get_context().get_world_rank()
+        in_ray_train = True
+    except Exception:  # not inside a TorchTrainer worker
+        in_ray_train = False
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    return RayTrainSession(report_to_tune) if in_ray_train else Session()
+
+
+# ----------------------------------------------------------------------------------------------
+# Model, loss, optimiser, augmentation
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainingParts:
+    model: torch.nn.Module
+    loss: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    augment: Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
+    num_classes: int
+
+
+def num_classes_of(cfg: PansegConfig) -> int:
+    return len(label_names(cfg.preprocess.task))
+
+
+def make_model(cfg: PansegConfig) -> torch.nn.Module:
+    return build_model(cfg.model, num_classes_of(cfg), cfg.train.patch_size_zyx, cfg.preprocess.target_spacing_zyx_mm)
+
+
+def make_loss(cfg: PansegConfig, n_outputs: int) -> torch.nn.Module:
+    tcfg = cfg.train
+    weights = class_weights(num_classes_of(cfg), tcfg.tumor_weight, tcfg.background_weight, tumor_id=TUMOR_ID)
+    base = DiceCELoss(weights, tcfg.alpha_dice, tcfg.alpha_ce, include_background=tcfg.dice_include_background,
+                      batch_dice=tcfg.batch_dice)
+    return DeepSupervisionLoss(base, deep_supervision_weights(n_outputs)) if n_outputs > 1 else base
+
+
+def make_optimizer(model: torch.nn.Module, tcfg: TrainConfig) -> torch.optim.Optimizer:
+    if tcfg.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay,
+                           momentum=tcfg.momentum, nesterov=True)
+
+
+def lr_at_epoch(tcfg: TrainConfig, epoch: int) -> float:
+    """The learning rate of an epoch (0-based): a pure function, so a resumed run continues exactly."""
+    if tcfg.lr_schedule == "step":
+        return tcfg.lr * tcfg.lr_step_factor ** (epoch // tcfg.lr_step_epochs)
+    if tcfg.lr_schedule == "poly":
+        return tcfg.lr * (1 - epoch / tcfg.epochs) ** tcfg.poly_exponent
+    return tcfg.lr
+
+
+def build_training_parts(cfg: PansegConfig, store: str, device: torch.device) -> TrainingParts:
+    model = make_model(cfg).to(device)
+    n_outputs = len(model.strides) - 1 if cfg.model.deep_supervision else 1
+    loss = make_loss(cfg, n_outputs).to(device)
+    optimizer = make_optimizer(model, cfg.train)
+    augment_cfg = cfg.train.augment
+
+    def augment(image: torch.Tensor, label: torch.Tensor, generator: torch.Generator):
+        return augment_batch(image, label, augment_cfg, generator)
+
+    return TrainingParts(model, loss, optimizer, augment, num_classes_of(cfg))
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------------------------
+
+
+def predict_store_case(model: torch.nn.Module, cfg: PansegConfig, image_hu: np.ndarray,
+                       device: torch.device) -> np.ndarray:
+    """Class map of one preprocessed case (store grid) by sliding window."""
+    low, high = cfg.preprocess.clip_hu
+    image = torch.from_numpy((image_hu.astype(np.float32) - low) / (high - low))[None, None].to(device)
+    dtype = torch.bfloat16 if device.type == "cuda" and cfg.train.precision == "bf16" else None
+    logits = sliding_window_logits(model, image, cfg.train.patch_size_zyx, num_classes_of(cfg),
+                                   cfg.infer.step_fraction, cfg.infer.gaussian_sigma_scale,
+                                   cfg.infer.windows_per_batch, autocast_dtype=dtype)
+    return logits.argmax(0).to(torch.uint8).cpu().numpy()
+
+
+def validate(model: torch.nn.Module, cfg: PansegConfig, store: str, val_ids: list[str], session: Session) -> dict:
+    """Tumor DSC/NSD (FLARE rules) of held-out cases, sliding window in the store's grid.
+
+    Each rank predicts its share of the cases; the sums are all-reduced, so every rank reports the
+    same means. For the organ task the mean organ DSC is reported as `val_organ_dsc`.
+    """
+    model.eval()
+    cases = val_ids[: cfg.train.val_max_cases][session.rank::session.world_size]
+    spacing = cfg.preprocess.target_spacing_zyx_mm
+    sums = [0.0, 0.0, 0.0]  # dsc, nsd, count
+    for case_id in cases:
+        image_hu, label, _ = read_case(store, case_id)
+        prediction = predict_store_case(model, cfg, image_hu, session.device)
+        if cfg.preprocess.task == "tumor":
+            scores = flare_case_scores(prediction == TUMOR_ID, label == TUMOR_ID, spacing)
+            sums = [sums[0] + scores.dsc, sums[1] + scores.nsd, sums[2] + 1]
+        else:
+            organ_dsc = _mean_organ_dice(prediction, label)
+            sums = [sums[0] + organ_dsc, sums[1], sums[2] + 1]
+    total_dsc, total_nsd, count = session.all_reduce_sum(sums)
+    model.train()
+    if count == 0:
+        return {}
+    if cfg.preprocess.task == "tumor":
+        return {"val_tumor_dsc": total_dsc / count, "val_tumor_nsd": total_nsd / count, "val_cases": int(count)}
+    return {"val_organ_dsc": total_dsc / count, "val_cases": int(count)}
+
+
+def _mean_organ_dice(prediction: np.ndarray, label: np.ndarray) -> float:
+    from panseg.metrics import dice
+
+    present = [c for c in np.unique(label) if c > 0]
+    return float(np.mean([dice(prediction == c, label == c) for c in present])) if present else 1.0

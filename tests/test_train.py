@@ -1,0 +1,156 @@
+"""Training: resume exactness and learning in local mode, DDP over Ray Train workers, worker loss."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from panseg.checkpoint import load_checkpoint
+from panseg.config import ConfigError, build_config
+from panseg.train_loop import load_or_create_split, make_job, train_distributed, train_local
+from panseg.training_parts import lr_at_epoch
+
+
+def _cfg(*overrides):
+    return build_config("tiny", overrides=["train.iterations_per_epoch=3", "train.val_every_epochs=2",
+                                           "train.checkpoint_every_epochs=1", "train.val_max_cases=1", *overrides])
+
+
+def _metrics(run):
+    return [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_lr_schedules_follow_the_presets():
+    paper = build_config("paper").train
+    assert lr_at_epoch(paper, 0) == lr_at_epoch(paper, 199) == 1e-2
+    assert lr_at_epoch(paper, 200) == 5e-3 and lr_at_epoch(paper, 499) == 2.5e-3
+    seed = build_config("seed-code").train
+    assert lr_at_epoch(seed, 0) == 1e-2
+    assert lr_at_epoch(seed, 250) == pytest.approx(1e-2 * 0.5 ** 0.9)
+
+
+def test_split_is_seeded_disjoint_and_reused(tiny_store, tmp_path):
+    _, store, result = tiny_store
+    first = load_or_create_split(str(store), tmp_path / "split.json", 0.25, seed=3)
+    again = load_or_create_split(str(store), tmp_path / "split.json", 0.5, seed=99)  # the file wins
+    assert first == again
+    assert not set(first["train"]) & set(first["val"])
+    assert sorted(first["train"] + first["val"]) == sorted(r["case_id"] for r in result.rows if r["status"] == "ok")
+    assert len(first["val"]) == 2
+    (tmp_path / "bad.json").write_text(json.dumps({"train": ["nope"], "val": []}))
+    with pytest.raises(ValueError, match="nope"):
+        load_or_create_split(str(store), tmp_path / "bad.json", 0.25, seed=0)
+
+
+def test_patch_that_does_not_divide_is_refused_before_training(tiny_store, tmp_path):
+    _, store, _ = tiny_store
+    with pytest.raises(ValueError, match=r"patch_size_zyx\[0\]=30 must be divisible by \d+ .*try 32"):
+        make_job(_cfg("train.patch_size_zyx=[30, 64, 64]"), str(store), str(tmp_path / "run"))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_resume_gives_exactly_the_weights_of_a_straight_run(tiny_store, tmp_path):
+    _, store, _ = tiny_store
+    cfg = _cfg("train.epochs=2")
+    straight = train_local(make_job(cfg, str(store), str(tmp_path / "straight")))
+    train_local(make_job(cfg, str(store), str(tmp_path / "split"), stop_after_epochs=1))
+    first_half = load_checkpoint(tmp_path / "split" / "checkpoints" / "epoch_0001")
+    assert first_half.epoch == 1 and not (tmp_path / "split" / "model_final").exists()
+    resumed = train_local(make_job(cfg, str(store), str(tmp_path / "split"), resume=True))
+
+    a = load_checkpoint(straight / "model_final").model
+    b = load_checkpoint(resumed / "model_final").model
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert all(not torch.equal(first_half.model[k], a[k]) for k in a if k.endswith("weight"))  # epoch 2 trained
+    assert [m["epoch"] for m in _metrics(resumed)] == [1, 2]
+
+
+def test_resume_without_a_run_is_an_error(tiny_store, tmp_path):
+    _, store, _ = tiny_store
+    with pytest.raises(FileNotFoundError, match="no run to resume"):
+        make_job(_cfg(), str(store), str(tmp_path / "nothing"), resume=True)
+
+
+@pytest.mark.slow
+def test_local_training_learns_the_tumor(tiny_store, tmp_path):
+    _, store, _ = tiny_store
+    cfg = build_config("tiny", overrides=["train.epochs=8", "train.val_every_epochs=4", "train.lr=0.01"])
+    run = train_local(make_job(cfg, str(store), str(tmp_path / "run")))
+    rows = _metrics(run)
+    assert rows[-1]["train_loss"] < 0.75 * rows[0]["train_loss"]
+    dsc = [r["val_tumor_dsc"] for r in rows if "val_tumor_dsc" in r]
+    assert dsc[-1] > 0.2, dsc
+    assert (run / "model_best").is_dir() and (run / "metrics.csv").is_file()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_two_worker_ddp_on_cpu(tiny_store, tmp_path):
+    _, store, _ = tiny_store
+    cfg = _cfg("train.epochs=2", "train.iterations_per_epoch=4")
+    run = train_distributed(make_job(cfg, str(store), str(tmp_path / "ddp")), num_workers=2, use_gpu=False)
+    rows = _metrics(run)
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert "val_tumor_dsc" in rows[-1] and rows[-1]["val_cases"] == 1
+    workers = sorted(json.loads(p.read_text())["rank"] for p in (run / "workers").glob("rank_*.json"))
+    assert workers == [0, 1]
+    assert load_checkpoint(run / "model_final").epoch == 2
+
+
+@pytest.mark.ray
+def test_a_cluster_too_small_is_refused_at_once(tiny_store, tmp_path):
+    _, store, _ = tiny_store
+    job = make_job(_cfg(), str(store), str(tmp_path / "big"))
+    with pytest.raises(RuntimeError, match="need 8.0 CPUs, but the cluster has 2"):
+        train_distributed(job, num_workers=8, use_gpu=False)
+    with pytest.raises(RuntimeError, match="GPUs"):
+        train_distributed(job, num_workers=1, use_gpu=True)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_killed_worker_restarts_from_the_last_checkpoint(tiny_store, tmp_path):
+    """SIGKILL one DDP worker mid-run: Ray Train restarts the group from the last checkpoint."""
+    import threading
+
+    _, store, _ = tiny_store
+    cfg = _cfg("train.epochs=6", "train.iterations_per_epoch=4", "train.val_every_epochs=6")
+    job = make_job(cfg, str(store), str(tmp_path / "fault"))
+    run = Path(job.run_dir)
+    outcome = {}
+
+    def fit():
+        try:
+            outcome["run"] = train_distributed(job, num_workers=2, use_gpu=False, max_failures=2)
+        except BaseException as err:  # reported below
+            outcome["error"] = err
+
+    thread = threading.Thread(target=fit)
+    thread.start()
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not (run / "checkpoints" / "epoch_0002").is_dir():
+        time.sleep(0.2)
+        assert thread.is_alive() or "error" not in outcome, outcome
+    victim = json.loads((run / "workers" / "rank_1.json").read_text())["pid"]
+    checkpoint_at_kill = max(int(p.name.split("_")[1]) for p in (run / "checkpoints").glob("epoch_*"))
+    killed_at = time.time()
+    os.kill(victim, signal.SIGKILL)
+    thread.join(timeout=600)
+    assert not thread.is_alive() and "error" not in outcome, outcome
+
+    rows = _metrics(run)
+    after = [r["epoch"] for r in rows if r["time"] > killed_at]
+    # Resumed from the checkpoint of epoch c (or c - 1 if its report had not landed): at most one interval lost.
+    assert after and after[0] in (checkpoint_at_kill, checkpoint_at_kill + 1), (checkpoint_at_kill, after)
+    assert after[-1] == 6 and sorted(set(r["epoch"] for r in rows)) == [1, 2, 3, 4, 5, 6]
+    restarted = json.loads((run / "workers" / "rank_1.json").read_text())["pid"]
+    assert restarted != victim
+    assert load_checkpoint(run / "model_final").epoch == 6
