@@ -14,6 +14,8 @@ EPILOG = """examples:
   panseg phantom data/raw --cases 20 --healthy 4 --seed 0 --truth data/truth
   panseg preprocess --raw data/raw --out data/store.zarr --preset paper --num-cpus 2
   panseg train --store data/store.zarr --out runs/tiny --preset tiny --local
+  panseg predict --model runs/tiny --input data/test --output preds
+  panseg evaluate --pred preds --gt data/truth --out metrics.csv
   panseg config --preset tiny --set train.lr=0.003 --out my.yaml
   panseg demo --workdir demo_work
 
@@ -115,6 +117,43 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from panseg.infer_folder import predict_folder
+
+    from panseg.checkpoint import load_checkpoint
+    from panseg.config import apply_overrides
+
+    infer = None  # the checkpoint's own inference settings, unless changed here
+    if args.config or args.overrides or args.all_labels:
+        cfg = apply_overrides(load_checkpoint(args.model).cfg, args.config, args.overrides)
+        infer = cfg.infer if not args.all_labels else _replace(cfg.infer, all_labels=True)
+    rows = predict_folder(args.model, args.input, args.output, address=args.address, num_cpus=args.num_cpus,
+                          use_gpu=True if args.gpu else None, progress=not args.quiet, infer=infer)
+    failed = [r for r in rows if r["status"] == "failed"]
+    print(f"predict: {len(rows)} cases, {sum(r['status'] == 'ok' for r in rows)} predicted, "
+          f"{sum(r['status'] == 'skipped' for r in rows)} already there, {len(failed)} failed; masks in {args.output}")
+    for row in failed:
+        print(f"  {row['case_id']}: {row['error']}")
+    return 1 if failed else 0
+
+
+def _replace(obj, **changes):
+    from dataclasses import replace
+
+    return replace(obj, **changes)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from panseg.evaluation import evaluate_folders, format_table, write_csv
+
+    result = evaluate_folders(args.pred, args.gt, tolerance_mm=args.tolerance_mm)
+    print(format_table(result))
+    if args.out:
+        write_csv(result, args.out)
+        print(f"wrote {args.out}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from panseg.demo import run_demo
 
@@ -187,6 +226,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None, help="Ray cluster address for --workers ('auto' on a cluster)")
     p.set_defaults(handler=_cmd_train)
 
+    p = sub.add_parser("predict", help="tumor masks for a folder of CTs (Ray Data, one actor per GPU)",
+                       epilog="examples:\n  panseg predict --model runs/paper --input data/test/imagesTs --output preds\n"
+                       "  ray job submit --working-dir . -- panseg predict --model /shared/runs/paper "
+                       "--input /shared/test --output /shared/preds --address auto")
+    p.add_argument("--model", required=True, help="run directory (its best model), checkpoint directory or file")
+    p.add_argument("--input", required=True, help="folder of CTs named <case>_0000.nii.gz (or .nii/.mha/.nrrd)")
+    p.add_argument("--output", required=True, help="folder for <case>.nii.gz masks and predictions.csv (resumable)")
+    p.add_argument("--all-labels", action="store_true", help="write every class, not only the tumor")
+    p.add_argument("--gpu", action="store_true", help="require GPUs (default: use them when the cluster has any)")
+    p.add_argument("--quiet", action="store_true", help="no progress line")
+    group = p.add_argument_group("configuration (applied on the checkpoint's own config)")
+    group.add_argument("--config", metavar="FILE", default=None, help="YAML or JSON whose infer keys apply")
+    group.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="overrides",
+                       help="e.g. --set infer.mirror_tta=true --set infer.windows_per_batch=4")
+    _add_ray_args(p)
+    p.set_defaults(handler=_cmd_predict)
+
+    p = sub.add_parser("evaluate", help="FLARE 2024 lesion DSC / NSD of predicted masks against ground truth",
+                       epilog="example:\n  panseg evaluate --pred preds --gt data/test/labelsTs --out metrics.csv")
+    p.add_argument("--pred", required=True, help="folder of predicted <case>.nii.gz masks")
+    p.add_argument("--gt", required=True, help="folder of ground-truth <case>.nii.gz masks (any value > 0 is lesion)")
+    p.add_argument("--out", default=None, help="per-case CSV to write")
+    p.add_argument("--tolerance-mm", type=float, default=2.0, help="NSD tolerance (FLARE 2024: 2 mm)")
+    p.set_defaults(handler=_cmd_evaluate)
+
     p = sub.add_parser("demo", help="the pipeline on a synthetic cohort, end to end",
                        epilog="example:\n  panseg demo --workdir demo_work --cases 8")
     p.add_argument("--workdir", default="demo_work", help="where everything is written (default demo_work)")
@@ -209,6 +273,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         parser.exit(2, f"panseg {args.command}: config error: {err}\n")
     except (FileNotFoundError, NotADirectoryError) as err:
+        parser.exit(2, f"panseg {args.command}: {err}\n")
+    except ValueError as err:  # bad input named by the stage (checkpoint, split, patch size, store)
         parser.exit(2, f"panseg {args.command}: {err}\n")
     except KeyboardInterrupt:
         print(f"panseg {args.command}: interrupted; completed work is kept and a rerun resumes", file=sys.stderr)

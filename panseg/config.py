@@ -522,6 +522,18 @@ def build_config(
     return cfg
 
 
+def apply_overrides(cfg: PansegConfig, config_file: str | Path | None = None,
+                    overrides: typing.Sequence[str] = ()) -> PansegConfig:
+    """`cfg` (e.g. a checkpoint's) with a config file's keys and then `--set` overrides applied."""
+    if config_file:
+        data = dict(read_config_file(config_file))
+        data.pop("preset", None)
+        cfg = merge(cfg, data)
+    for text in overrides:
+        cfg = merge(cfg, parse_override(text))
+    return cfg
+
+
 def read_config_file(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
@@ -563,7 +575,7 @@ def config_to_json(cfg: PansegConfig) -> str:
 
 
 __all__ = [
-    "AugmentConfig", "BACKGROUND_ID", "ConfigError", "InferConfig", "ModelConfig", "ORGAN_IDS", "ORGAN_NAMES",
+    "AugmentConfig", "BACKGROUND_ID", "apply_overrides", "ConfigError", "InferConfig", "ModelConfig", "ORGAN_IDS", "ORGAN_NAMES",
     "PRESETS", "PansegConfig", "PreprocessConfig", "SearchDim", "TUMOR_ID", "TrainConfig", "TuneConfig",
     "build_config", "config_from_json", "config_to_json", "from_dict", "label_names", "load_config", "merge",
     "parse_override", "preset", "read_config_file", "save_config", "to_dict",

@@ -1,0 +1,351 @@
+"""`panseg predict` over a folder: CTs stream through Ray Data, a model loaded once per actor.
+
+Two stages, so reading and preprocessing the next case overlaps the prediction of the current one:
+
+1. `prepare` (Ray tasks, 1 CPU each, memory reserved from the image headers): read the CT, crop,
+   resample, clip (`infer.prepare_volume`); only numpy and plain values leave the task.
+2. `PredictorActor` (a callable-class actor pool, `batch_size=1`, one actor per GPU, or one CPU actor
+   with most of the CPUs): scale, sliding windows, argmax, paste back into the original grid, write
+   `<case>.nii.gz` atomically, measure the case (peak RSS, GPU peak and memory-time area).
+
+A case whose output exists is skipped, so a rerun resumes. A bad case (unreadable, not 3D) becomes
+a `failed` row naming the case; the others go on. Every case gets a row in `predictions.csv`.
+Outputs are written by the actors, so on a multi-node cluster `output_dir` must be a shared path.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from panseg.checkpoint import load_checkpoint
+from panseg.config import InferConfig, PreprocessConfig, from_dict, to_dict
+from panseg.infer import PreparedCase, load_predictor, prediction_row, prepare_volume
+from panseg.io import CaseFiles, ImageReadError, discover_cohort, read_geometry, read_volume, write_volume
+from panseg.preprocess import CaseError
+from panseg.resource_monitor import CaseUsage, peak_rss_mb, reset_peak_rss
+
+OUTPUT_SUFFIX = ".nii.gz"
+CSV_NAME = "predictions.csv"
+CSV_COLUMNS = (
+    "case_id", "status", "error", "output", "seconds", "prepare_s", "predict_s", "read_s", "crop_s", "resample_s",
+    "clip_s", "network_s", "restore_s", "write_s", "peak_rss_mb", "gpu_peak_mb", "gpu_area_mb_s",
+    "gpu_memory_source", "crop_reason", "crop_box_zyx", "original_shape_zyx", "resampled_shape_zyx",
+)
+_MAX_CPUS_PER_ACTOR = 8  # a CPU U-Net gains little from more threads than this
+# Memory of a prepare task: the worker process itself (Python, numpy, torch, SimpleITK: ~300 MB RSS),
+# plus per input voxel the stored CT, float32 resampling passes and the int16 result (as data_pipeline's
+# estimate for training preprocessing, which does the same steps).
+_PREPARE_BYTES_PER_VOXEL = 12
+_PREPARE_BASE_MEMORY = 512 * 2**20
+_HEADER_SAMPLE = 64
+
+
+@dataclass(frozen=True)
+class ActorPlan:
+    """How the stages share a cluster: actors (count, CPUs, GPUs each) and concurrent prepare tasks."""
+
+    actors: int
+    cpus_per_actor: float
+    gpus_per_actor: float
+    prepare_tasks: int
+
+
+def plan_actors(total_cpus: float, total_gpus: float, use_gpu: bool) -> ActorPlan:
+    """One actor per GPU (1 CPU each); on CPU, actors of up to 8 CPUs leaving at least 1 CPU to prepare.
+
+    Prepare tasks are capped at twice the actors (at least 2), so at most a few cases wait in memory.
+    """
+    cpus = max(1, int(total_cpus))
+    if use_gpu:
+        if total_gpus < 1:
+            raise ValueError(f"use_gpu needs a GPU in the Ray cluster, but it has {total_gpus:g}")
+        actors, per_actor, gpus = int(total_gpus), 1, 1.0
+    else:
+        per_actor = max(1, min(_MAX_CPUS_PER_ACTOR, cpus // 2))
+        actors, gpus = max(1, (cpus - 1) // per_actor), 0.0
+    free = max(1, cpus - actors * per_actor)
+    return ActorPlan(actors, float(per_actor), gpus, max(1, min(free, 2 * actors, cpus)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 1: prepare (a Ray task per case)
+# ----------------------------------------------------------------------------------------------
+
+
+def prepare_memory_bytes(cases: list[CaseFiles], sample: int = _HEADER_SAMPLE) -> int:
+    """Memory to reserve per prepare task, from the largest of a spread sample of image headers."""
+    largest = 0
+    for case in cases[:: max(1, len(cases) // sample)][:sample]:
+        try:
+            largest = max(largest, int(np.prod(read_geometry(case.image).shape_zyx)))
+        except (ImageReadError, RuntimeError, OSError):
+            continue  # the case's own task reports it
+    return _PREPARE_BASE_MEMORY + int(largest * _PREPARE_BYTES_PER_VOXEL * 1.25)
+
+
+def prepare_row(row: dict, preprocess_json: str, threads: int = 1) -> dict:
+    """Read and preprocess one case; a bad case comes back with `error` set (never raises)."""
+    cfg = from_dict(PreprocessConfig, json.loads(preprocess_json))
+    start = time.perf_counter()
+    reset_peak_rss()
+    out = {"case_id": row["case_id"], "output": row["output"], "error": "", "meta_json": "{}",
+           "image": np.zeros((1, 1, 1), dtype=np.int16)}
+    try:
+        volume = read_volume(row["image"], threads=threads)
+        read_s = time.perf_counter() - start
+        prepared = prepare_volume(volume, cfg, threads)
+        del volume
+        meta = prepared.metadata()
+        meta["seconds"] = {"read": read_s, **meta["seconds"]}
+        meta["prepare_s"] = time.perf_counter() - start
+        meta["prepare_rss_mb"] = peak_rss_mb()
+        out.update(image=prepared.image_hu, meta_json=json.dumps(meta))
+    except (ImageReadError, ValueError) as err:
+        out["error"] = str(CaseError(row["case_id"], str(err)))
+    except Exception as err:  # one unexpected failure must not stop the folder
+        out["error"] = f"case {row['case_id']}: unexpected {type(err).__name__}: {err}"
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 2: predict (an actor pool)
+# ----------------------------------------------------------------------------------------------
+
+
+class PredictorActor:
+    """Ray Data callable class: loads the model once, then predicts one prepared case per call."""
+
+    def __init__(self, model_path: str, infer_json: str | None = None, threads: int = 1) -> None:
+        infer = from_dict(InferConfig, json.loads(infer_json)) if infer_json else None
+        self.predictor = load_predictor(model_path, infer=infer, threads=threads)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = [self._predict_one({key: batch[key][i] for key in batch}) for i in range(len(batch["case_id"]))]
+        return {"row_json": np.array([json.dumps(r) for r in rows], dtype=object)}
+
+    def _predict_one(self, item: dict) -> dict:
+        case_id, error = str(item["case_id"]), str(item["error"])
+        if error:
+            return failed_row(case_id, error)
+        try:
+            return self._predict_prepared(case_id, str(item["output"]), np.asarray(item["image"]),
+                                          json.loads(str(item["meta_json"])))
+        except Exception as err:  # e.g. out of memory on one huge case: record it, go on
+            if self.predictor.device.type == "cuda":
+                torch.cuda.empty_cache()  # what the failed case held must not starve the next one
+            return failed_row(case_id, f"case {case_id}: prediction failed: {type(err).__name__}: {err}")
+
+    def _predict_prepared(self, case_id: str, output: str, image_hu: np.ndarray, meta: dict) -> dict:
+        prepared = PreparedCase.from_metadata(image_hu, meta)
+        with CaseUsage(self.predictor.device) as usage:
+            prediction = self.predictor.predict_prepared(prepared)
+            t0 = time.perf_counter()
+            write_volume(prediction.volume, output)
+            write_s = time.perf_counter() - t0
+        report = usage.report.as_row()
+        report["peak_rss_mb"] = max(report["peak_rss_mb"], round(meta.get("prepare_rss_mb", 0.0), 3))
+        row = prediction_row(case_id, output, prediction, {**prediction.seconds, "write": write_s}, report)
+        row.update(prepare_s=round(meta["prepare_s"], 3), predict_s=report["seconds"],
+                   seconds=round(meta["prepare_s"] + report["seconds"], 3))
+        return row
+
+
+# ----------------------------------------------------------------------------------------------
+# Rows and the CSV
+# ----------------------------------------------------------------------------------------------
+
+
+def failed_row(case_id: str, error: str) -> dict:
+    return {"case_id": case_id, "status": "failed", "error": error}
+
+
+def output_path(output_dir: str | Path, case_id: str) -> Path:
+    return Path(output_dir) / f"{case_id}{OUTPUT_SUFFIX}"
+
+
+def read_csv_rows(path: str | Path) -> dict[str, dict]:
+    """Rows of an earlier predictions.csv by case id, cells parsed back to values (empty when there is none)."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    with open(path, newline="") as f:
+        return {r["case_id"]: {k: (v if k == "case_id" else _parse_cell(v)) for k, v in r.items()}
+                for r in csv.DictReader(f)}
+
+
+def write_csv_rows(rows: list[dict], path: str | Path) -> Path:
+    """Write predictions.csv atomically; lists become JSON text, None an empty cell."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{uuid.uuid4().hex[:8]}-{path.name}")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: _cell(row.get(k)) for k in CSV_COLUMNS})
+    os.replace(tmp, path)
+    return path
+
+
+def _cell(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple)):
+        return json.dumps(list(value))
+    return str(value)
+
+
+def _parse_cell(text: str):
+    """The inverse of `_cell`: '' -> None, numbers and JSON lists -> values, other text as it is."""
+    if text == "":
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _skipped_row(case_id: str, output: Path, earlier: dict | None) -> dict:
+    """The row of a case whose output exists: the earlier run's measurements, status 'skipped'."""
+    row = dict(earlier) if earlier and earlier.get("status") in ("ok", "skipped") else {"case_id": case_id}
+    row.update(status="skipped", error="", output=str(output))
+    return row
+
+
+# ----------------------------------------------------------------------------------------------
+# The driver
+# ----------------------------------------------------------------------------------------------
+
+
+def predict_folder(model_path: str | Path, input_dir: str | Path, output_dir: str | Path, address: str | None = None,
+                   num_cpus: int | None = None, use_gpu: bool | None = None, progress: bool = True,
+                   infer: InferConfig | None = None) -> list[dict]:
+    """Predict every `<case>_0000.*` CT of `input_dir` into `output_dir/<case>.nii.gz` with Ray Data.
+
+    Args:
+        model_path: a checkpoint file, checkpoint directory or run directory.
+        input_dir: folder of CTs named `<case>_0000.<nii.gz|nii|mha|nrrd>` (or DICOM folders so named).
+        output_dir: where masks and predictions.csv go (created; a shared path on a multi-node cluster).
+        address: Ray address ('auto' on a cluster); None joins RAY_ADDRESS or starts a local Ray.
+        num_cpus: CPUs of a local Ray started here.
+        use_gpu: one actor per GPU; None uses GPUs when the cluster has any.
+        progress: a progress line on stderr.
+        infer: an `InferConfig` replacing the checkpoint's inference settings.
+
+    Returns:
+        One row per case, sorted by case id: status 'ok', 'skipped' (output existed) or 'failed' (error
+        names the case); also written to output_dir/predictions.csv.
+
+    Raises:
+        CheckpointError: the model is not a panseg checkpoint (checked before Ray starts).
+        FileNotFoundError: input_dir holds no CT.
+    """
+    cfg = load_checkpoint(model_path).cfg  # fail fast on a bad checkpoint; the read stage needs its preprocessing
+    cohort = discover_cohort(input_dir, images_dir=input_dir)
+    out_dir = Path(output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    earlier = read_csv_rows(out_dir / CSV_NAME)
+    rows = [failed_row(c.case_id, c.error) for c in cohort.invalid]
+    todo: list[CaseFiles] = []
+    for case in cohort.valid:
+        target = output_path(out_dir, case.case_id)
+        if target.exists():
+            rows.append(_skipped_row(case.case_id, target, earlier.get(case.case_id)))
+        else:
+            todo.append(case)
+    if todo:
+        infer_json = json.dumps(to_dict(infer)) if infer is not None else None
+        rows += _run_ray(todo, str(Path(model_path).resolve()), out_dir, cfg.preprocess, infer_json, address,
+                         num_cpus, use_gpu, progress)
+    rows.sort(key=lambda r: r["case_id"])
+    write_csv_rows(rows, out_dir / CSV_NAME)
+    return rows
+
+
+def _run_ray(todo: list[CaseFiles], model_path: str, out_dir: Path, pcfg: PreprocessConfig,
+             infer_json: str | None, address: str | None, num_cpus: int | None, use_gpu: bool | None,
+             progress: bool) -> list[dict]:
+    import ray
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address=address, num_cpus=None if address else num_cpus, log_to_driver=False,
+                 include_dashboard=False if not address else None)
+    try:
+        resources = ray.cluster_resources()
+        gpus = resources.get("GPU", 0.0)
+        plan = plan_actors(resources.get("CPU", 1.0), gpus, gpus >= 1 if use_gpu is None else use_gpu)
+        ds = _build_dataset(todo, model_path, out_dir, pcfg, infer_json, plan)
+        meter = _Progress(len(todo), enabled=progress)
+        rows = []
+        for out in ds.iter_rows():
+            row = json.loads(out["row_json"])
+            rows.append(row)
+            meter.update(row)
+        meter.close()
+        return rows
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def _build_dataset(todo: list[CaseFiles], model_path: str, out_dir: Path, pcfg: PreprocessConfig,
+                   infer_json: str | None, plan: ActorPlan):
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    items = [{"case_id": c.case_id, "image": os.path.abspath(c.image),
+              "output": str(output_path(out_dir.resolve(), c.case_id))} for c in todo]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))  # one case per block
+    # The reserved memory also keeps this stage from being fused into the actor stage (different remote
+    # args), so reading the next case overlaps predicting the current one.
+    ds = ds.map(prepare_row, fn_kwargs={"preprocess_json": json.dumps(to_dict(pcfg)), "threads": 1},
+                num_cpus=1, memory=prepare_memory_bytes(todo),
+                compute=ray.data.TaskPoolStrategy(size=plan.prepare_tasks))
+    threads = max(1, math.floor(plan.cpus_per_actor))
+    # `compute=ActorPoolStrategy(size=n)` is Ray >= 2.51's spelling of `concurrency=n`.
+    return ds.map_batches(PredictorActor, batch_size=1, batch_format="numpy",
+                          compute=ray.data.ActorPoolStrategy(size=plan.actors),
+                          num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor,
+                          fn_constructor_kwargs={"model_path": model_path, "infer_json": infer_json,
+                                                 "threads": threads})
+
+
+class _Progress:
+    """One line on stderr: cases done/total, failed, seconds per case, ETA."""
+
+    def __init__(self, total: int, enabled: bool = True) -> None:
+        self.total, self.enabled = total, enabled
+        self.done = self.failed = 0
+        self.start = time.perf_counter()
+
+    def update(self, row: dict) -> None:
+        self.done += 1
+        self.failed += row["status"] == "failed"
+        if not self.enabled:
+            return
+        elapsed = time.perf_counter() - self.start
+        per_case = elapsed / self.done
+        end = "\n" if self.done == self.total else ""
+        print(f"\rpredict: {self.done}/{self.total} cases, {self.failed} failed, {per_case:.1f} s/case, "
+              f"ETA {per_case * (self.total - self.done):.0f} s   ", end=end, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.enabled and self.done < self.total:
+            print(file=sys.stderr)
+
+
+__all__ = ["ActorPlan", "CSV_COLUMNS", "CSV_NAME", "PredictorActor", "plan_actors", "predict_folder",
+           "prepare_row", "read_csv_rows", "write_csv_rows"]

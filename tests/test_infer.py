@@ -1,0 +1,320 @@
+"""Inference and evaluation: geometry restored exactly, classes kept as asked, checkpoints refused,
+a real tiny model end to end, folder prediction with Ray, folder evaluation.
+
+The synthetic CT has a body (60 HU) with a separate table slab (200 HU) under it, an anisotropic
+spacing, and a direction that is rotated 30 degrees and flipped, so every geometry step is exercised.
+"""
+
+from dataclasses import replace
+import json
+import math
+import pathlib
+import time
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from panseg.checkpoint import CheckpointError, TrainingState, save_checkpoint
+from panseg.config import TUMOR_ID, InferConfig, preset
+from panseg.crop import mask_bbox
+from panseg.evaluation import evaluate_folders, format_table, write_csv
+from panseg.infer import (PreparedCase, Predictor, argmax_uint8, load_predictor, predict_array, predict_case,
+                          prepare_volume)
+from panseg.infer_folder import CSV_NAME, plan_actors, predict_folder, read_csv_rows
+from panseg.io import Volume, read_geometry, read_volume, write_volume
+from panseg.metrics import dice
+from panseg.preprocess import CaseError, crop_volume, resample_volume
+from panseg.resource_monitor import MemoryTimeMonitor
+from panseg.training_parts import make_model, num_classes_of
+
+SPACING = (4.5, 2.9, 3.1)  # (z, y, x) mm
+SHAPE = (40, 64, 72)
+ORIGIN = (-101.5, 37.25, 310.0)
+_C, _S = math.cos(math.radians(30)), math.sin(math.radians(30))
+DIRECTION = (_C, -_S, 0.0, _S, _C, 0.0, 0.0, 0.0, -1.0)  # 30 degrees about z, z flipped
+
+
+def _grid_mm(shape=SHAPE, spacing=SPACING):
+    z, y, x = np.meshgrid(*(np.arange(n) * s for n, s in zip(shape, spacing)), indexing="ij")
+    return z, y, x
+
+
+def make_case(seed=0, shape=SHAPE, spacing=SPACING):
+    """CT (int16 HU) and fused labels (1 liver, 14 tumor), and the body mask."""
+    rng = np.random.default_rng(seed)
+    z, y, x = _grid_mm(shape, spacing)
+    cz, cx = shape[0] * spacing[0] / 2, shape[2] * spacing[2] / 2
+    body = (((y - 75.0) / 50.0) ** 2 + ((x - cx) / 80.0) ** 2 <= 1.0) & (np.abs(z - cz) < 75.0)
+    table = (y > 140.0) & (y < 152.0) & (np.abs(x - cx) < 100.0)  # below the body, an air gap between
+    ct = np.full(shape, -1000, dtype=np.int16)
+    ct[body] = (60 + rng.integers(-5, 6, size=int(body.sum()))).astype(np.int16)
+    ct[table] = 200
+    liver = (((z - cz) / 40.0) ** 2 + ((y - 70.0) / 25.0) ** 2 + ((x - cx + 35.0) / 30.0) ** 2) <= 1.0
+    tumor = ((z - cz) ** 2 + (y - 75.0) ** 2 + (x - cx - 25.0) ** 2) <= 32.0 ** 2
+    labels = np.zeros(shape, dtype=np.uint8)
+    labels[liver & body] = 1
+    labels[tumor & body] = TUMOR_ID
+    ct[tumor & body] = 110
+    return Volume(ct, spacing, ORIGIN, DIRECTION), labels, body
+
+
+def one_hot_oracle(label_volume, box, cfg, calls):
+    """A LogitsFn returning one-hot logits of the true labels after the training crop + resample."""
+    expected = resample_volume(crop_volume(label_volume, box), cfg.preprocess.target_spacing_zyx_mm, "nearest").array
+    num_classes = num_classes_of(cfg)
+
+    def logits_fn(image):
+        calls.append(tuple(image.shape))
+        assert tuple(image.shape[2:]) == expected.shape, "the prepared grid differs from the training grid"
+        assert float(image.min()) >= 0.0 and float(image.max()) <= 1.0
+        return torch.nn.functional.one_hot(torch.from_numpy(expected).long(), num_classes).permute(3, 0, 1, 2).float()
+
+    return logits_fn
+
+
+@pytest.fixture(scope="module")
+def tiny_cfg():
+    return preset("tiny")
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory, tiny_cfg):
+    torch.manual_seed(0)
+    model = make_model(tiny_cfg)
+    return save_checkpoint(TrainingState(tiny_cfg, 0, model.state_dict(), None, None),
+                           tmp_path_factory.mktemp("run") / "model_final")
+
+
+# ----------------------------------------------------------------------------------------------
+# Geometry with an oracle network
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spacing", [SPACING, (1.9, 1.2, 1.4)])  # coarser, then finer than the target grid
+def test_oracle_prediction_returns_the_tumor_in_the_original_grid(tiny_cfg, spacing):
+    shape = tuple(int(round(n * s / t)) for n, s, t in zip(SHAPE, SPACING, spacing))  # same physical extent
+    ct, labels, body = make_case(shape=shape, spacing=spacing)
+    box = mask_bbox(body)
+    calls = []
+    predictor = Predictor(tiny_cfg, one_hot_oracle(ct.with_array(labels), box, tiny_cfg, calls))
+    prediction = predictor.predict_volume(ct)
+    out = prediction.volume
+    assert len(calls) == 1
+    assert prediction.box == box and prediction.crop_reason == "largest_component"  # the table is cut away
+    assert out.array.shape == ct.array.shape and out.array.dtype == np.uint8
+    assert out.spacing_zyx_mm == ct.spacing_zyx_mm
+    assert out.origin_xyz_mm == ct.origin_xyz_mm and out.direction_xyz == ct.direction_xyz
+    assert set(np.unique(out.array)) == {0, 1}
+    assert dice(out.array, labels == TUMOR_ID) > 0.95
+    assert set(prediction.seconds) == {"crop", "resample", "clip", "network", "restore"}
+
+
+def test_mask_is_zero_outside_the_crop_box_and_all_labels_keep_organs(tiny_cfg):
+    ct, labels, body = make_case()
+    box = mask_bbox(body)
+    everywhere_tumor = Predictor(tiny_cfg, lambda image: _constant_logits(image, num_classes_of(tiny_cfg), TUMOR_ID))
+    out = everywhere_tumor.predict_volume(ct).volume.array
+    inside = np.zeros(ct.array.shape, dtype=bool)
+    inside[box.slices] = True
+    np.testing.assert_array_equal(out, inside.astype(np.uint8))  # every voxel of the box, nothing else
+
+    all_cfg = replace(tiny_cfg, infer=InferConfig(all_labels=True))
+    oracle = one_hot_oracle(ct.with_array(labels), box, all_cfg, [])
+    out = Predictor(all_cfg, oracle).predict_volume(ct).volume.array
+    assert set(np.unique(out)) == {0, 1, TUMOR_ID}
+    assert dice(out == 1, labels == 1) > 0.9
+
+
+def _constant_logits(image, num_classes, class_id):
+    logits = torch.zeros((num_classes, *image.shape[2:]))
+    logits[class_id] = 1.0
+    return logits
+
+
+def test_a_ct_without_bright_voxels_is_predicted_whole(tiny_cfg):
+    ct = Volume(np.full((12, 20, 24), -1000, dtype=np.int16), SPACING, ORIGIN, DIRECTION)
+    prepared = prepare_volume(ct, tiny_cfg.preprocess)
+    assert prepared.crop_reason == "no_component" and prepared.box.shape_zyx == (12, 20, 24)
+    again = PreparedCase.from_metadata(prepared.image_hu, json.loads(json.dumps(prepared.metadata())))
+    assert (again.box, again.crop_reason, again.seconds) == (prepared.box, prepared.crop_reason, prepared.seconds)
+    assert again.original.matches(prepared.original) and again.cropped.matches(prepared.cropped)
+    assert again.resampled.matches(prepared.resampled)
+
+
+def test_predict_array_scales_to_unit_and_keeps_only_the_tumor():
+    image_hu = np.array([[[-500, -160, 40, 240, 900]]], dtype=np.int16)  # (1, 1, 5)
+    seen = []
+
+    def logits_fn(image):
+        seen.append(image.clone())
+        logits = torch.zeros((15, 1, 1, 5))
+        logits[TUMOR_ID, 0, 0, 2:] = 1.0  # tumor where image >= 0.5
+        logits[3, 0, 0, :2] = 1.0
+        return logits
+
+    out = predict_array(image_hu, logits_fn, (-160.0, 240.0))
+    torch.testing.assert_close(seen[0][0, 0, 0, 0], torch.tensor([0.0, 0.0, 0.5, 1.0, 1.0]))
+    np.testing.assert_array_equal(out[0, 0], [0, 0, 1, 1, 1])
+    np.testing.assert_array_equal(predict_array(image_hu, logits_fn, (-160.0, 240.0), keep_all_labels=True)[0, 0],
+                                  [3, 3, 14, 14, 14])
+    logits = torch.randn(15, 40, 3, 4)
+    torch.testing.assert_close(argmax_uint8(logits, slab=7), logits.argmax(0).to(torch.uint8))
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints and a real (tiny) model
+# ----------------------------------------------------------------------------------------------
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):  # unpickling would create the marker file
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+def test_foreign_checkpoints_are_refused_without_unpickling(tmp_path, tiny_cfg):
+    marker = tmp_path / "code-ran"
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": "panseg-checkpoint", "format_version": 1, "model": _Payload(str(marker))}, evil)
+    with pytest.raises(CheckpointError, match="not a loadable panseg checkpoint"):
+        load_predictor(evil, device="cpu")
+    assert not marker.exists()
+    noise = tmp_path / "noise.pt"
+    noise.write_bytes(np.random.default_rng(0).bytes(4096))
+    with pytest.raises(CheckpointError):
+        load_predictor(noise, device="cpu")
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, foreign)
+    with pytest.raises(CheckpointError, match="not a panseg checkpoint"):
+        load_predictor(foreign, device="cpu")
+    paper_cfg = preset("paper")
+    small = make_model(tiny_cfg).state_dict()
+    mismatched = save_checkpoint(TrainingState(paper_cfg, 0, small, None, None), tmp_path / "mismatch")
+    with pytest.raises(CheckpointError, match="do not fit the network"):
+        load_predictor(mismatched, device="cpu")
+
+
+def test_tiny_model_predicts_a_case_end_to_end(tmp_path, tiny_checkpoint):
+    ct, _, _ = make_case(seed=1)
+    image = write_volume(ct, tmp_path / "case1_0000.nii.gz")
+    predictor = load_predictor(tiny_checkpoint.parent, device="cpu")  # a run directory
+    assert predictor.logits_fn.model.deep_supervision is False and not predictor.logits_fn.model.training
+    row = predict_case(predictor, image, tmp_path / "out" / "case1.nii.gz")
+    written = read_volume(tmp_path / "out" / "case1.nii.gz")
+    assert written.geometry.matches(read_geometry(image))
+    assert written.array.dtype == np.uint8 and set(np.unique(written.array)) <= {0, 1}
+    assert row["case_id"] == "case1" and row["status"] == "ok"
+    assert row["seconds"] > 0 and row["peak_rss_mb"] > 50 and row["network_s"] > 0
+    assert row["gpu_peak_mb"] is None and row["gpu_area_mb_s"] is None  # CPU
+    sitk.WriteImage(sitk.Image(8, 8, sitk.sitkInt16), str(tmp_path / "flat_0000.nii.gz"))
+    with pytest.raises(CaseError, match="case flat: .* must be a 3D"):
+        predict_case(predictor, tmp_path / "flat_0000.nii.gz", tmp_path / "out" / "flat.nii.gz")
+    assert not (tmp_path / "out" / "flat.nii.gz").exists()
+
+
+def test_memory_time_area_integrates_the_samples():
+    monitor = MemoryTimeMonitor(lambda: 100.0, interval_s=0.02).start()
+    start = time.perf_counter()
+    time.sleep(0.3)
+    monitor.stop()
+    elapsed = time.perf_counter() - start
+    assert monitor.peak_mb == 100.0 and monitor.samples >= 5
+    assert monitor.area_mb_s == pytest.approx(100.0 * elapsed, rel=0.1)
+
+
+def test_actor_plan_leaves_cpus_for_reading():
+    assert plan_actors(2, 0, use_gpu=False) == plan_actors(2.0, 0, False)
+    cpu2 = plan_actors(2, 0, use_gpu=False)
+    assert (cpu2.actors, cpu2.cpus_per_actor, cpu2.prepare_tasks) == (1, 1.0, 1)
+    cpu64 = plan_actors(64, 0, use_gpu=False)
+    assert cpu64.cpus_per_actor == 8 and cpu64.actors * 8 < 64
+    gpu4 = plan_actors(32, 4, use_gpu=True)
+    assert (gpu4.actors, gpu4.gpus_per_actor, gpu4.cpus_per_actor) == (4, 1.0, 1.0)
+    with pytest.raises(ValueError, match="needs a GPU"):
+        plan_actors(8, 0, use_gpu=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Folder prediction with Ray
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.ray
+def test_predict_folder_streams_cases_records_a_bad_one_and_resumes(tmp_path, tiny_checkpoint, ray_local):
+    """Uses conftest's session Ray (address='local', 2 CPUs, auth and usage stats off, shut down at the end)."""
+    inputs, outputs = tmp_path / "in", tmp_path / "out"
+    for i in (1, 2):
+        write_volume(make_case(seed=i, shape=(24, 48, 56))[0], inputs / f"good{i}_0000.nii.gz")
+    sitk.WriteImage(sitk.Image(30, 30, sitk.sitkInt16), str(inputs / "flat_0000.nii.gz"))
+
+    rows = predict_folder(tiny_checkpoint, inputs, outputs, progress=False)
+    by_id = {r["case_id"]: r for r in rows}
+    assert [r["case_id"] for r in rows] == ["flat", "good1", "good2"]
+    assert by_id["flat"]["status"] == "failed" and "case flat" in by_id["flat"]["error"]
+    assert "3D" in by_id["flat"]["error"]
+    for case in ("good1", "good2"):
+        assert by_id[case]["status"] == "ok"
+        assert read_geometry(outputs / f"{case}.nii.gz").matches(read_geometry(inputs / f"{case}_0000.nii.gz"))
+    assert not (outputs / "flat.nii.gz").exists()
+    csv_rows = read_csv_rows(outputs / CSV_NAME)
+    assert csv_rows["flat"]["status"] == "failed" and "case flat" in csv_rows["flat"]["error"]
+    assert csv_rows["good1"]["seconds"] > 0 and csv_rows["good1"]["peak_rss_mb"] > 0
+    assert csv_rows["good1"]["gpu_area_mb_s"] is None and len(csv_rows["good1"]["crop_box_zyx"]) == 6
+
+    mtime = (outputs / "good1.nii.gz").stat().st_mtime_ns
+    again = {r["case_id"]: r for r in predict_folder(tiny_checkpoint, inputs, outputs, progress=False)}
+    assert again["good1"]["status"] == again["good2"]["status"] == "skipped"
+    assert again["flat"]["status"] == "failed"
+    assert (outputs / "good1.nii.gz").stat().st_mtime_ns == mtime
+    assert read_csv_rows(outputs / CSV_NAME)["good2"]["seconds"] == csv_rows["good2"]["seconds"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Folder evaluation
+# ----------------------------------------------------------------------------------------------
+
+
+def _mask(shape=(10, 12, 14), box=None, spacing=(2.0, 1.0, 1.0)):
+    array = np.zeros(shape, np.uint8)
+    if box is not None:
+        array[box] = 1
+    return Volume(array, spacing, (0.0, 0.0, 0.0))
+
+
+def test_evaluate_folders_scores_missing_extra_mismatched_and_healthy_cases(tmp_path):
+    gt, pred = tmp_path / "gt", tmp_path / "pred"
+    lesion = np.s_[3:7, 4:9, 5:10]
+    for case in ("perfect", "missing", "moved"):
+        write_volume(_mask(box=lesion), gt / f"{case}.nii.gz")
+    for case in ("healthy_fp", "healthy_ok"):
+        write_volume(_mask(), gt / f"{case}.nii.gz")
+    write_volume(_mask(box=lesion), pred / "perfect.nii.gz")
+    write_volume(_mask(box=lesion, spacing=(2.5, 1.0, 1.0)), pred / "moved.nii.gz")
+    write_volume(_mask(box=np.s_[0:1, 0:1, 0:1]), pred / "healthy_fp.nii.gz")
+    write_volume(_mask(), pred / "healthy_ok.nii.gz")
+    write_volume(_mask(box=lesion), pred / "stray.nii.gz")
+
+    result = evaluate_folders(pred, gt)
+    rows = {r["case_id"]: r for r in result.rows}
+    assert (rows["perfect"]["dsc"], rows["perfect"]["nsd"], rows["perfect"]["rule"]) == (1.0, 1.0, "scored")
+    assert (rows["missing"]["dsc"], rows["missing"]["rule"]) == (0.0, "missing")
+    assert rows["moved"]["rule"] == "geometry_mismatch" and rows["moved"]["dsc"] == 0.0
+    message = next(e for e in result.errors if "moved" in e)
+    assert "case moved" in message and "(2.5, 1.0, 1.0)" in message and "(2.0, 1.0, 1.0)" in message
+    assert rows["healthy_ok"]["rule"] == "both_empty" and rows["healthy_fp"]["rule"] == "one_empty"
+    assert result.missing == ("missing",) and result.extra == ("stray",)
+    assert result.healthy_ids == ("healthy_fp", "healthy_ok")
+    assert result.false_positive_rate == 0.5
+    assert result.dsc.n == 5 and result.dsc.mean == pytest.approx(2 / 5)
+    table = format_table(result)
+    assert "DSC (%)" in table and "40.00 ± 48.99" in table and "stray" in table and "50.0%" in table
+    assert "Inference Time" not in table  # no predictions.csv
+    written = write_csv(result, tmp_path / "scores.csv").read_text().splitlines()
+    assert written[0].startswith("case_id,dsc,nsd,rule") and len(written) == 6
+
+    only_given = evaluate_folders(pred, gt, healthy_ids=["healthy_ok"])
+    assert only_given.healthy_ids == ("healthy_ok",) and only_given.false_positive_rate == 0.0
