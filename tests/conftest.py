@@ -27,3 +27,14 @@ def small_cohort(tmp_path_factory):
     root = tmp_path_factory.mktemp("cohort")
     write_cohort(root / "raw", cases=6, healthy=2, seed=0, small=True, truth_dir=root / "truth")
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_store(ray_local, small_cohort):
+    """The small cohort preprocessed with the tiny preset (shared by pipeline and training tests)."""
+    from panseg.config import preset
+    from panseg.data_pipeline import run_preprocessing
+
+    store = small_cohort / "store.zarr"
+    result = run_preprocessing(small_cohort / "raw", store, preset("tiny").preprocess, progress=False)
+    return small_cohort, store, result

@@ -45,10 +45,8 @@ def _table_voxels(cohort_root, case_id, hu):
 
 
 @pytest.fixture(scope="module")
-def preprocessed(ray_local, small_cohort):
-    store = small_cohort / "store.zarr"
-    result = run_preprocessing(small_cohort / "raw", store, TINY, progress=False)
-    return small_cohort, store, result
+def preprocessed(tiny_store):
+    return tiny_store
 
 
 def test_every_case_is_stored_and_the_summary_says_so(preprocessed):
