@@ -438,6 +438,8 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
             return value
         raise ConfigError(f"{where} must be an integer, but it is {value!r}")
     if tp is float:
+        if isinstance(value, str):
+            value = _yaml_float(value)  # PyYAML reads 1e-4 (no dot) as a string
         if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             return float(value)
         raise ConfigError(f"{where} must be a finite number, but it is {value!r}")
@@ -446,6 +448,14 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
             return value
         raise ConfigError(f"{where} must be a string, but it is {value!r}")
     raise ConfigError(f"{where}: unsupported config type {tp}")  # a bug in this module, not user input
+
+
+def _yaml_float(text: str) -> float | str:
+    """`'1e-4'` -> 1e-4; any other string comes back unchanged (and is then rejected as a number)."""
+    try:
+        return float(text) if any(c.isdigit() for c in text) else text
+    except ValueError:
+        return text
 
 
 def _unknown_key_message(key: str, valid: list[str], where: str) -> str:

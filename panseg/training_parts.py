@@ -198,35 +198,38 @@ def predict_store_case(model: torch.nn.Module, cfg: PansegConfig, image_hu: np.n
 
 
 def validate(model: torch.nn.Module, cfg: PansegConfig, store: str, val_ids: list[str], session: Session) -> dict:
-    """Tumor DSC/NSD (FLARE rules) of held-out cases, sliding window in the store's grid.
+    """Scores of held-out cases predicted whole by sliding window in the store's grid.
 
-    Each rank predicts its share of the cases; the sums are all-reduced, so every rank reports the
-    same means. For the organ task the mean organ DSC is reported as `val_organ_dsc`.
+    Tumor task: tumor DSC/NSD with the FLARE rules (`val_tumor_dsc`, `val_tumor_nsd`) and the mean
+    Dice of the organs present (`val_organ_dsc`); organ task: `val_organ_dsc`. Each rank predicts
+    its share of the cases; the sums are all-reduced, so every rank reports the same means.
     """
     model.eval()
     cases = val_ids[: cfg.train.val_max_cases][session.rank::session.world_size]
     spacing = cfg.preprocess.target_spacing_zyx_mm
-    sums = [0.0, 0.0, 0.0]  # dsc, nsd, count
+    sums = [0.0, 0.0, 0.0, 0.0]  # tumor dsc, tumor nsd, organ dsc, cases
     for case_id in cases:
         image_hu, label, _ = read_case(store, case_id)
         prediction = predict_store_case(model, cfg, image_hu, session.device)
+        organ_dsc = _mean_organ_dice(prediction, label)
         if cfg.preprocess.task == "tumor":
             scores = flare_case_scores(prediction == TUMOR_ID, label == TUMOR_ID, spacing)
-            sums = [sums[0] + scores.dsc, sums[1] + scores.nsd, sums[2] + 1]
+            sums = [sums[0] + scores.dsc, sums[1] + scores.nsd, sums[2] + organ_dsc, sums[3] + 1]
         else:
-            organ_dsc = _mean_organ_dice(prediction, label)
-            sums = [sums[0] + organ_dsc, sums[1], sums[2] + 1]
-    total_dsc, total_nsd, count = session.all_reduce_sum(sums)
+            sums = [sums[0], sums[1], sums[2] + organ_dsc, sums[3] + 1]
+    tumor_dsc, tumor_nsd, organ_dsc, count = session.all_reduce_sum(sums)
     model.train()
     if count == 0:
         return {}
+    metrics = {"val_organ_dsc": organ_dsc / count, "val_cases": int(count)}
     if cfg.preprocess.task == "tumor":
-        return {"val_tumor_dsc": total_dsc / count, "val_tumor_nsd": total_nsd / count, "val_cases": int(count)}
-    return {"val_organ_dsc": total_dsc / count, "val_cases": int(count)}
+        metrics.update(val_tumor_dsc=tumor_dsc / count, val_tumor_nsd=tumor_nsd / count)
+    return metrics
 
 
 def _mean_organ_dice(prediction: np.ndarray, label: np.ndarray) -> float:
+    """Mean Dice of the organ classes (1-13) present in the label."""
     from panseg.metrics import dice
 
-    present = [c for c in np.unique(label) if c > 0]
+    present = [c for c in np.unique(label) if 0 < c < TUMOR_ID]
     return float(np.mean([dice(prediction == c, label == c) for c in present])) if present else 1.0

@@ -109,3 +109,13 @@ def test_label_names_follow_the_task():
     assert len(tumor) == 15 and tumor[14] == "tumor" and tumor[1] == "liver" and tumor[13] == "left_kidney"
     assert len(organs) == 14 and 14 not in organs
     assert preset("paper").preprocess.num_classes == 15
+
+
+def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
+    # PyYAML follows YAML 1.1 and reads 1e-4 as a string; users write it anyway.
+    assert build_config("paper", overrides=["train.lr=1e-4"]).train.lr == 1e-4
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  weight_decay: 3e-5\n")
+    assert build_config(config_file=path).train.weight_decay == 3e-5
+    with pytest.raises(ConfigError, match="finite number"):
+        build_config("paper", overrides=["train.lr=nan"])
