@@ -60,3 +60,27 @@ def test_config_errors_exit_2_with_the_key_named(capsys):
         main(["config", "--preset", "tiny", "--set", "train.epoch=9"])
     assert exit_info.value.code == 2
     assert "train.epoch" in capsys.readouterr().err
+
+
+def test_phantom_command_writes_what_it_describes(tmp_path, capsys):
+    import json
+
+    import numpy as np
+    import SimpleITK as sitk
+
+    out = tmp_path / "raw"
+    assert main(["phantom", str(out), "--cases", "4", "--healthy", "1", "--small", "--truth", str(tmp_path / "t")]) == 0
+    assert "phantom_healthy_000" in capsys.readouterr().out
+    meta = json.loads((out / "phantom.json").read_text())
+    assert len(meta["cases"]) == 5
+    directions = set()
+    for case in meta["cases"]:
+        image = sitk.ReadImage(str(out / "imagesTr" / f"{case['case_id']}_0000.nii.gz"))
+        assert image.GetPixelID() == sitk.sitkInt16
+        np.testing.assert_allclose(image.GetSpacing(), case["spacing_zyx_mm"][::-1], rtol=1e-6)
+        np.testing.assert_allclose(image.GetOrigin(), case["origin_xyz_mm"], atol=1e-4)
+        np.testing.assert_allclose(image.GetDirection(), case["direction_xyz"], atol=1e-6)
+        directions.add(tuple(np.round(image.GetDirection(), 3)))
+        label = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "labelsTr" / f"{case['case_id']}.nii.gz")))
+        assert (label.max() == 0) == case["healthy"]
+    assert len(directions) >= 2 and any(d != (1, 0, 0, 0, 1, 0, 0, 0, 1) for d in directions)
