@@ -95,7 +95,7 @@ def sliding_window_logits(model: torch.nn.Module, image: torch.Tensor, window_zy
         with amp:
             out = _forward_with_mirroring(model, batch, mirror_axes)
         for sl, window_logits in zip(slices, out.float()):
-            logits[(slice(None),) + sl] += window_logits * weights
+            logits[(slice(None),) + sl].addcmul_(window_logits, weights)  # in place: no window-sized temporary
             norm[sl] += weights
     logits /= norm
     return logits[(slice(None),) + tuple(crop)]
