@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from pathlib import Path
 from panseg.config import PreprocessConfig, from_dict, to_dict
 from panseg.io import CaseFiles, ImageReadError, discover_cohort, read_geometry
 from panseg.preprocess import CaseError, preprocess_case
+from panseg.ray_shell import Progress, collect_rows, ray_session
 from panseg.store import (
     case_manifest_row,
     create_store,
@@ -157,58 +157,13 @@ def _run_ray(todo: list[CaseFiles], store_path: str, cfg: PreprocessConfig, addr
              num_cpus: int | None, progress: bool) -> list[dict]:
     import ray
 
-    started_here = not ray.is_initialized()
-    if started_here:
-        ray.init(address=address, num_cpus=None if address else num_cpus, log_to_driver=False,
-                 include_dashboard=False if not address else None,
-                 runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1"}})
-    try:
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False
-        ctx.print_on_execution_start = False
-        memory = task_memory_bytes(todo)
-        cfg_json = json.dumps(to_dict(cfg))
+    with ray_session(address, num_cpus):
+        fn_kwargs = {"store_path": os.path.abspath(store_path) if "://" not in store_path else store_path,
+                     "cfg_json": json.dumps(to_dict(cfg)), "threads": 1}
         # One case per block, so cases are scheduled one by one across every node.
         ds = ray.data.from_items([asdict(c) for c in todo], override_num_blocks=len(todo))
-        ds = ds.map(_map_row, fn_kwargs={"store_path": os.path.abspath(store_path) if "://" not in store_path
-                                         else store_path, "cfg_json": cfg_json, "threads": 1},
-                    num_cpus=1, memory=memory)
-        meter = _Progress(len(todo), enabled=progress)
-        rows = []
-        for out in ds.iter_rows():
-            row = json.loads(out["row_json"])
-            rows.append(row)
-            meter.update(row)
-        meter.close()
-        return rows
-    finally:
-        if started_here:
-            ray.shutdown()
-
-
-class _Progress:
-    """One line on stderr: cases done/total, failed, rate, ETA."""
-
-    def __init__(self, total: int, enabled: bool = True):
-        self.total, self.enabled = total, enabled
-        self.done = self.failed = 0
-        self.start = time.perf_counter()
-
-    def update(self, row: dict) -> None:
-        self.done += 1
-        self.failed += row["status"] == "failed"
-        if not self.enabled:
-            return
-        elapsed = time.perf_counter() - self.start
-        rate = self.done / elapsed if elapsed > 0 else 0.0
-        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-        end = "\n" if self.done == self.total else ""
-        print(f"\rpreprocess: {self.done}/{self.total} cases, {self.failed} failed, {rate * 60:.1f} cases/min, "
-              f"ETA {eta:.0f} s   ", end=end, file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.enabled and self.done < self.total:
-            print(file=sys.stderr)
+        ds = ds.map(_map_row, fn_kwargs=fn_kwargs, num_cpus=1, memory=task_memory_bytes(todo))
+        return collect_rows(ds, Progress("preprocess", len(todo), enabled=progress))
 
 
 def format_summary(result: PreprocessResult) -> str:

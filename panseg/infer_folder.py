@@ -19,7 +19,6 @@ import csv
 import json
 import math
 import os
-import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from panseg.config import InferConfig, PreprocessConfig, from_dict, to_dict
 from panseg.infer import PreparedCase, load_predictor, prediction_row, prepare_volume
 from panseg.io import CaseFiles, ImageReadError, discover_cohort, read_geometry, read_volume, write_volume
 from panseg.preprocess import CaseError
+from panseg.ray_shell import Progress, collect_rows, ray_session
 from panseg.resource_monitor import CaseUsage, peak_rss_mb, reset_peak_rss
 
 OUTPUT_SUFFIX = ".nii.gz"
@@ -277,35 +277,18 @@ def _run_ray(todo: list[CaseFiles], model_path: str, out_dir: Path, pcfg: Prepro
              progress: bool) -> list[dict]:
     import ray
 
-    started_here = not ray.is_initialized()
-    if started_here:
-        ray.init(address=address, num_cpus=None if address else num_cpus, log_to_driver=False,
-                 include_dashboard=False if not address else None)
-    try:
+    with ray_session(address, num_cpus):
         resources = ray.cluster_resources()
         gpus = resources.get("GPU", 0.0)
         plan = plan_actors(resources.get("CPU", 1.0), gpus, gpus >= 1 if use_gpu is None else use_gpu)
         ds = _build_dataset(todo, model_path, out_dir, pcfg, infer_json, plan)
-        meter = _Progress(len(todo), enabled=progress)
-        rows = []
-        for out in ds.iter_rows():
-            row = json.loads(out["row_json"])
-            rows.append(row)
-            meter.update(row)
-        meter.close()
-        return rows
-    finally:
-        if started_here:
-            ray.shutdown()
+        return collect_rows(ds, Progress("predict", len(todo), enabled=progress))
 
 
 def _build_dataset(todo: list[CaseFiles], model_path: str, out_dir: Path, pcfg: PreprocessConfig,
                    infer_json: str | None, plan: ActorPlan):
     import ray
 
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
     items = [{"case_id": c.case_id, "image": os.path.abspath(c.image),
               "output": str(output_path(out_dir.resolve(), c.case_id))} for c in todo]
     ds = ray.data.from_items(items, override_num_blocks=len(items))  # one case per block
@@ -321,30 +304,6 @@ def _build_dataset(todo: list[CaseFiles], model_path: str, out_dir: Path, pcfg: 
                           num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor,
                           fn_constructor_kwargs={"model_path": model_path, "infer_json": infer_json,
                                                  "threads": threads})
-
-
-class _Progress:
-    """One line on stderr: cases done/total, failed, seconds per case, ETA."""
-
-    def __init__(self, total: int, enabled: bool = True) -> None:
-        self.total, self.enabled = total, enabled
-        self.done = self.failed = 0
-        self.start = time.perf_counter()
-
-    def update(self, row: dict) -> None:
-        self.done += 1
-        self.failed += row["status"] == "failed"
-        if not self.enabled:
-            return
-        elapsed = time.perf_counter() - self.start
-        per_case = elapsed / self.done
-        end = "\n" if self.done == self.total else ""
-        print(f"\rpredict: {self.done}/{self.total} cases, {self.failed} failed, {per_case:.1f} s/case, "
-              f"ETA {per_case * (self.total - self.done):.0f} s   ", end=end, file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.enabled and self.done < self.total:
-            print(file=sys.stderr)
 
 
 __all__ = ["ActorPlan", "CSV_COLUMNS", "CSV_NAME", "PredictorActor", "plan_actors", "predict_folder",

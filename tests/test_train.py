@@ -3,8 +3,6 @@
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -12,7 +10,7 @@ import pytest
 import torch
 
 from panseg.checkpoint import load_checkpoint
-from panseg.config import ConfigError, build_config
+from panseg.config import build_config
 from panseg.train_loop import load_or_create_split, make_job, train_distributed, train_local
 from panseg.training_parts import lr_at_epoch
 

@@ -1,0 +1,66 @@
+"""What the Ray shells (preprocessing, prediction) share: joining or starting Ray, a quiet Ray Data
+context, and one progress line over a stream of result rows.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from contextlib import contextmanager
+from typing import Iterator
+
+
+@contextmanager
+def ray_session(address: str | None, num_cpus: int | None) -> Iterator[None]:
+    """Use the Ray already initialised in this process, else join `address` (or RAY_ADDRESS) or start a
+    local Ray with `num_cpus`; shut down on exit only what was started here.
+    """
+    import ray
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address=address, num_cpus=None if address else num_cpus, log_to_driver=False,
+                 include_dashboard=False if not address else None)
+    try:
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False  # panseg prints one line of its own (Progress)
+        ctx.print_on_execution_start = False
+        yield
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+class Progress:
+    """One line on stderr: cases done/total, failed, rate, ETA."""
+
+    def __init__(self, stage: str, total: int, enabled: bool = True) -> None:
+        self.stage, self.total, self.enabled = stage, total, enabled
+        self.done = self.failed = 0
+        self.start = time.perf_counter()
+
+    def update(self, row: dict) -> None:
+        self.done += 1
+        self.failed += row["status"] == "failed"
+        if not self.enabled:
+            return
+        per_case = (time.perf_counter() - self.start) / self.done
+        end = "\n" if self.done == self.total else ""
+        print(f"\r{self.stage}: {self.done}/{self.total} cases, {self.failed} failed, {per_case:.1f} s/case, "
+              f"ETA {per_case * (self.total - self.done):.0f} s   ", end=end, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.enabled and self.done < self.total:
+            print(file=sys.stderr)
+
+
+def collect_rows(dataset, meter: Progress) -> list[dict]:
+    """Stream a dataset whose rows carry one JSON result each (`row_json`), updating the meter."""
+    rows = []
+    for out in dataset.iter_rows():
+        row = json.loads(out["row_json"])
+        rows.append(row)
+        meter.update(row)
+    meter.close()
+    return rows
