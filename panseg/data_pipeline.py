@@ -37,6 +37,11 @@ from panseg.store import (
 BYTES_PER_INPUT_VOXEL = 12
 MIN_TASK_MEMORY = 256 * 2**20
 HEADER_SAMPLE = 64
+# glibc returns each case's freed arrays to the kernel and page-faults them back for the next case:
+# ~125k faults and 0.5-1 s of system time per 300x512x512 case on a warm worker (measured here). With
+# big allocations kept on the heap and never trimmed, a worker reuses its memory from case to case
+# (the task's memory reservation already covers that peak) and the faults go to ~0.
+WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2**32), "MALLOC_TRIM_THRESHOLD_": str(2**33)}
 
 
 @dataclass(frozen=True)
@@ -162,7 +167,8 @@ def _run_ray(todo: list[CaseFiles], store_path: str, cfg: PreprocessConfig, addr
                      "cfg_json": json.dumps(to_dict(cfg)), "threads": 1}
         # One case per block, so cases are scheduled one by one across every node.
         ds = ray.data.from_items([asdict(c) for c in todo], override_num_blocks=len(todo))
-        ds = ds.map(_map_row, fn_kwargs=fn_kwargs, num_cpus=1, memory=task_memory_bytes(todo))
+        ds = ds.map(_map_row, fn_kwargs=fn_kwargs, num_cpus=1, memory=task_memory_bytes(todo),
+                    runtime_env={"env_vars": WORKER_ENV})
         return collect_rows(ds, Progress("preprocess", len(todo), enabled=progress))
 
 
