@@ -32,6 +32,8 @@ from typing import Literal
 import numpy as np
 from scipy import ndimage
 
+from panseg.crop import mask_bbox
+
 FLARE_TOLERANCE_MM = 2.0  # FLARE 2024 Task 1: lesion NSD tolerance
 FLARE_MIN_DSC_FOR_NSD = 0.2  # organisers: NSD only when not (DSC < 0.2)
 
@@ -166,10 +168,11 @@ def surface_distances(
     """
     spacing = _check_spacing(spacing_zyx_mm)
     pred_mask, gt_mask = _check_pair(pred, gt)
-    box = _bounding_box(pred_mask | gt_mask)
-    if box is None:
+    found = mask_bbox(pred_mask | gt_mask)
+    if found is None:
         empty = np.zeros(0)
         return SurfaceDistances(empty, empty, empty, empty)
+    box = found.slices
     code_gt = _neighbour_codes(gt_mask[box])
     code_pred = _neighbour_codes(pred_mask[box])
     surface_gt = (code_gt != 0) & (code_gt != 255)
@@ -181,18 +184,6 @@ def surface_distances(
         surfel_areas_gt_mm2=area_of_code[code_gt[surface_gt]],
         surfel_areas_pred_mm2=area_of_code[code_pred[surface_pred]],
     )
-
-
-def _bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
-    """Slices of the mask's foreground bounding box, or None for an empty mask."""
-    box = []
-    for axis in range(mask.ndim):
-        others = tuple(a for a in range(mask.ndim) if a != axis)
-        hits = np.flatnonzero(mask.any(axis=others))
-        if hits.size == 0:
-            return None
-        box.append(slice(int(hits[0]), int(hits[-1]) + 1))
-    return tuple(box)
 
 
 def _neighbour_codes(mask: np.ndarray) -> np.ndarray:
