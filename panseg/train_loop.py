@@ -51,28 +51,27 @@ class TrainJob:
     val_ids: tuple[str, ...]
     resume: bool = False
     stop_after_epochs: int | None = None  # train this many epochs in this run, then stop (resumable)
-    report_to_tune: bool = False
 
     def to_dict(self) -> dict:
         return {"cfg_json": config_to_json(self.cfg), "store": self.store, "run_dir": self.run_dir,
                 "train_ids": list(self.train_ids), "val_ids": list(self.val_ids), "resume": self.resume,
-                "stop_after_epochs": self.stop_after_epochs, "report_to_tune": self.report_to_tune}
+                "stop_after_epochs": self.stop_after_epochs}
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainJob:
         return cls(cfg=config_from_json(data["cfg_json"]), store=data["store"], run_dir=data["run_dir"],
                    train_ids=tuple(data["train_ids"]), val_ids=tuple(data["val_ids"]), resume=data["resume"],
-                   stop_after_epochs=data["stop_after_epochs"], report_to_tune=data.get("report_to_tune", False))
+                   stop_after_epochs=data["stop_after_epochs"])
 
 
 def train_loop_per_worker(config: dict) -> None:
     """The training loop of one worker (see the module docstring)."""
     job = TrainJob.from_dict(config)
     cfg, tcfg = job.cfg, job.cfg.train
-    session = make_session(job.run_dir, job.report_to_tune)
+    session = make_session(job.run_dir)
     _record_worker(job.run_dir, session)
     torch.manual_seed(tcfg.seed)  # identical initial weights on every rank
-    parts = build_training_parts(cfg, job.store, session.device)
+    parts = build_training_parts(cfg, session.device)
     start_epoch, best = _restore(job, session, parts)
     model = session.wrap(parts.model)
     sampler = PatchSampler(job.store, list(job.train_ids), tcfg.patch_size_zyx, tcfg.tumor_sampling_ratio,

@@ -59,7 +59,7 @@ class Session:
 class RayTrainSession(Session):
     """A Ray Train worker: DDP through Ray's process group, reports through `ray.train.report`."""
 
-    def __init__(self, report_to_tune: bool = False) -> None:
+    def __init__(self) -> None:
         import ray.train
         import ray.train.torch
 
@@ -108,7 +108,7 @@ class RayTrainSession(Session):
         return Path(checkpoint.to_directory(self._restored_dir.name))
 
 
-def make_session(run_dir: str, report_to_tune: bool = False) -> Session:
+def make_session(run_dir: str) -> Session:
     """A Ray Train session inside a Ray Train worker, else a local one."""
     try:
         import ray.train
@@ -118,7 +118,7 @@ def make_session(run_dir: str, report_to_tune: bool = False) -> Session:
     except Exception:  # not inside a TorchTrainer worker
         in_ray_train = False
     Path(run_dir).mkdir(parents=True, exist_ok=True)
-    return RayTrainSession(report_to_tune) if in_ray_train else Session()
+    return RayTrainSession() if in_ray_train else Session()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -167,7 +167,7 @@ def lr_at_epoch(tcfg: TrainConfig, epoch: int) -> float:
     return tcfg.lr
 
 
-def build_training_parts(cfg: PansegConfig, store: str, device: torch.device) -> TrainingParts:
+def build_training_parts(cfg: PansegConfig, device: torch.device) -> TrainingParts:
     model = make_model(cfg).to(device)
     n_outputs = len(model.strides) - 1 if cfg.model.deep_supervision else 1
     loss = make_loss(cfg, n_outputs).to(device)
