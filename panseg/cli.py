@@ -14,6 +14,7 @@ EPILOG = """examples:
   panseg phantom data/raw --cases 20 --healthy 4 --seed 0 --truth data/truth
   panseg preprocess --raw data/raw --out data/store.zarr --preset paper --num-cpus 2
   panseg train --store data/store.zarr --out runs/tiny --preset tiny --local
+  panseg tune --store data/store.zarr --out sweeps/s1 --preset tiny --trials 4
   panseg predict --model runs/tiny --input data/test --output preds
   panseg evaluate --pred preds --gt data/truth --out metrics.csv
   panseg config --preset tiny --set train.lr=0.003 --out my.yaml
@@ -115,6 +116,34 @@ def _cmd_train(args: argparse.Namespace) -> int:
         train_local(job)
     print(summarize_run(job.run_dir))
     return 0
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from panseg.config import merge
+    from panseg.tune_search import format_table, run_sweep
+
+    cfg = None
+    given = {"num_trials": args.trials, "scheduler": args.scheduler, "workers_per_trial": args.workers_per_trial,
+             "cpus_per_worker": args.cpus_per_worker, "gpus_per_worker": args.gpus_per_worker}
+    given = {k: v for k, v in given.items() if v is not None}
+    if args.resume:
+        if args.preset or args.config or args.overrides or given:
+            print("panseg tune: --resume continues the sweep with the config it started with; drop "
+                  "--preset/--config/--set/--trials/--scheduler/--*-per-*", file=sys.stderr)
+            return 2
+    else:
+        cfg = merge(_config_from_args(args), {"tune": given})
+    result = run_sweep(cfg, args.store, args.out, resume=args.resume, address=args.address, num_cpus=args.num_cpus)
+    metric = (cfg.tune if cfg else result.config.tune).metric
+    print(format_table(result.table, metric))
+    print(f"tune: trials in {result.sweep_dir / 'trials.csv'}")
+    if result.best_config:
+        print(f"tune: best trial {result.best['trial_id']} ({metric} {result.best['best_' + metric]:.4f}); "
+              f"its config: {result.best_config} (panseg train --config {result.best_config} ...)")
+    if result.plot:
+        print(f"tune: plot in {result.plot}")
+    failed = [r for r in result.table if r["state"] == "ERROR"]
+    return 1 if failed else 0
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
@@ -226,6 +255,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None, help="Ray cluster address for --workers ('auto' on a cluster)")
     p.set_defaults(handler=_cmd_train)
 
+    p = sub.add_parser("tune", help="Ray Tune sweep over the tumor loss weight and sampling ratio (ASHA)",
+                       epilog="examples:\n  panseg tune --store data/store.zarr --out sweeps/s1 --preset tiny --trials 4\n"
+                       "  panseg tune --store data/store.zarr --out sweeps/s1 --resume\n"
+                       "  panseg tune --store s3://bucket/store.zarr --out /shared/sweeps/s2 --preset paper "
+                       "--workers-per-trial 2 --gpus-per-worker 1 --address auto")
+    p.add_argument("--store", required=True, help="the Zarr store written by `panseg preprocess`")
+    p.add_argument("--out", required=True, help="sweep directory: trials/, trials.csv, best_config.yaml, sweep.png")
+    p.add_argument("--trials", type=int, default=None, help="number of trials (default tune.num_trials)")
+    p.add_argument("--scheduler", choices=["asha", "fifo"], default=None, help="default tune.scheduler (asha)")
+    p.add_argument("--workers-per-trial", type=int, default=None, help="Ray Train workers per trial (default 1: "
+                   "the trial trains in its own process)")
+    p.add_argument("--cpus-per-worker", type=float, default=None)
+    p.add_argument("--gpus-per-worker", type=float, default=None)
+    p.add_argument("--resume", action="store_true", help="continue the interrupted sweep in --out")
+    _add_config_args(p)
+    _add_ray_args(p)
+    p.set_defaults(handler=_cmd_tune)
+
     p = sub.add_parser("predict", help="tumor masks for a folder of CTs (Ray Data, one actor per GPU)",
                        epilog="examples:\n  panseg predict --model runs/paper --input data/test/imagesTs --output preds\n"
                        "  ray job submit --working-dir . -- panseg predict --model /shared/runs/paper "
@@ -267,13 +314,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     handler: Callable[[argparse.Namespace], int] = args.handler
     from panseg.config import ConfigError
+    from panseg.ray_shell import ClusterTooSmallError
 
     try:
         return handler(args)
     except ConfigError as err:
         parser.exit(2, f"panseg {args.command}: config error: {err}\n")
-    except (FileNotFoundError, NotADirectoryError) as err:
+    except (FileNotFoundError, FileExistsError, NotADirectoryError) as err:
         parser.exit(2, f"panseg {args.command}: {err}\n")
+    except ClusterTooSmallError as err:
+        parser.exit(1, f"panseg {args.command}: the cluster is too small: {err}\n")
     except ValueError as err:  # bad input named by the stage (checkpoint, split, patch size, store)
         parser.exit(2, f"panseg {args.command}: {err}\n")
     except KeyboardInterrupt:

@@ -11,6 +11,11 @@ from contextlib import contextmanager
 from typing import Iterator
 
 
+class ClusterTooSmallError(RuntimeError):
+    """A job asks for more CPUs, GPUs or memory than the cluster has: said before anything starts,
+    instead of Ray waiting forever for resources that will not come."""
+
+
 @contextmanager
 def ray_session(address: str | None, num_cpus: int | None) -> Iterator[None]:
     """Use the Ray already initialised in this process, else join `address` (or RAY_ADDRESS) or start a

@@ -64,11 +64,13 @@ class TrainJob:
                    stop_after_epochs=data["stop_after_epochs"])
 
 
-def train_loop_per_worker(config: dict) -> None:
-    """The training loop of one worker (see the module docstring)."""
+def train_loop_per_worker(config: dict, session: Session | None = None) -> None:
+    """The training loop of one worker (see the module docstring). `session` defaults to Ray Train's
+    inside a TorchTrainer worker and a local one elsewhere; a Tune trial passes its own."""
     job = TrainJob.from_dict(config)
     cfg, tcfg = job.cfg, job.cfg.train
-    session = make_session(job.run_dir)
+    if session is None:
+        session = make_session(job.run_dir)
     _record_worker(job.run_dir, session)
     torch.manual_seed(tcfg.seed)  # identical initial weights on every rank
     parts = build_training_parts(cfg, session.device)
@@ -280,12 +282,8 @@ def make_job(cfg: PansegConfig, store: str, run_dir: str, split_file: str | None
              stop_after_epochs: int | None = None) -> TrainJob:
     """Check the store against the config, write RUN/config.yaml, and fix the split."""
     from panseg.config import save_config
-    from panseg.store import read_store_config
 
-    store_cfg = read_store_config(store)
-    if store_cfg != cfg.preprocess:
-        cfg = _with_store_preprocessing(cfg, store_cfg)
-    make_model(cfg)  # a patch the network cannot take fails here, before any worker starts
+    cfg = resolve_config(cfg, store)
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
     if resume and not (run / "config.yaml").is_file():
@@ -294,6 +292,21 @@ def make_job(cfg: PansegConfig, store: str, run_dir: str, split_file: str | None
     split = load_or_create_split(store, split_file or run / "split.json", cfg.train.val_fraction, cfg.train.seed)
     return TrainJob(cfg, str(Path(store).resolve()) if "://" not in store else store, str(run.resolve()),
                     tuple(split["train"]), tuple(split["val"]), resume, stop_after_epochs)
+
+
+def resolve_config(cfg: PansegConfig, store: str) -> PansegConfig:
+    """`cfg` with the store's preprocessing, checked against the network before any worker starts.
+
+    Raises:
+        ValueError: a patch size the network cannot take.
+    """
+    from panseg.store import read_store_config
+
+    store_cfg = read_store_config(store)
+    if store_cfg != cfg.preprocess:
+        cfg = _with_store_preprocessing(cfg, store_cfg)
+    make_model(cfg)  # a patch the network cannot take fails here
+    return cfg
 
 
 def _with_store_preprocessing(cfg: PansegConfig, store_cfg) -> PansegConfig:
@@ -312,9 +325,10 @@ def train_local(job: TrainJob) -> Path:
 
 
 def train_distributed(job: TrainJob, num_workers: int, use_gpu: bool, cpus_per_worker: float = 1.0,
-                      max_failures: int = 2, address: str | None = None) -> Path:
+                      max_failures: int = 2, address: str | None = None, callbacks: list | None = None) -> Path:
     """DDP over `num_workers` Ray Train workers (any number of nodes); restarts from the last checkpoint
-    when a worker dies, up to `max_failures` times.
+    when a worker dies, up to `max_failures` times. `callbacks` go to Ray Train's RunConfig (a Tune
+    trial passes `TuneReportCallback`).
     """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -333,7 +347,8 @@ def train_distributed(job: TrainJob, num_workers: int, use_gpu: bool, cpus_per_w
                                          resources_per_worker={"CPU": cpus_per_worker}),
             run_config=RunConfig(name="ray_train", storage_path=str(Path(job.run_dir) / "ray"),
                                  checkpoint_config=CheckpointConfig(num_to_keep=2),
-                                 failure_config=FailureConfig(max_failures=max_failures)),
+                                 failure_config=FailureConfig(max_failures=max_failures),
+                                 callbacks=callbacks or None),
         )
         trainer.fit()
     finally:
@@ -375,5 +390,5 @@ def _check_cluster_fits(num_workers: int, use_gpu: bool, cpus_per_worker: float)
                            f"{total.get('GPU', 0)}; drop --gpu or add GPU nodes")
 
 
-__all__ = ["TrainJob", "load_or_create_split", "make_job", "summarize_run", "train_distributed", "train_local",
-           "train_loop_per_worker"]
+__all__ = ["TrainJob", "load_or_create_split", "make_job", "resolve_config", "summarize_run", "train_distributed",
+           "train_local", "train_loop_per_worker"]
