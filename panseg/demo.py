@@ -104,5 +104,5 @@ def _write_report(work: Path, run: Path, started: float) -> dict:
     sources = sources_from_paths([run, work / "predictions"], images_dir=work / "held_out_images",
                                  gt_dir=work / "held_out_truth")
     result = build_report(sources, work / "report.html", title="panseg demo")
-    print(f"wrote {result.path} ({result.cases_drawn} cases drawn); open it in a browser")
+    print(f"wrote {result.path} ({result.cases_drawn} case(s) drawn); open it in a browser")
     return {"report": result.path}

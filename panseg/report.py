@@ -198,7 +198,7 @@ class CaseFigure:
     values: dict = field(default_factory=dict)  # truth_ml, pred_ml for the table
 
 
-def crop_box_of(case_id: str, ct: np.ndarray, prediction_row: dict | None, cfg: PreprocessConfig,
+def crop_box_of(ct: np.ndarray, prediction_row: dict | None, cfg: PreprocessConfig,
                 cfg_name: str) -> tuple[Box | None, str]:
     """The crop box to draw and where it comes from: the one the case was predicted with
     (predictions.csv), else `crop.choose_crop` on the CT with `cfg` (no labels, as at inference)."""
@@ -232,7 +232,7 @@ def render_case(case_id: str, image: Path, truth_path: Path | None, pred_path: P
     except ImageReadError as err:
         message = str(err) if str(err).startswith(f"case {case_id}") else f"case {case_id}: {err}"
         return CaseFigure(case_id, None, "", error=message)
-    box, box_caption = crop_box_of(case_id, ct.array, prediction_row, cfg, cfg_name)
+    box, box_caption = crop_box_of(ct.array, prediction_row, cfg, cfg_name)
     point = pick_slice_point(ct.array.shape, truth, prediction)
     view = CaseView(ct.array, ct.spacing_zyx_mm, point, truth, prediction, box).flipped(display_flips(ct.direction_xyz))
     voxel_ml = float(np.prod(ct.spacing_zyx_mm)) / 1000.0

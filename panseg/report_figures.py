@@ -25,6 +25,7 @@ try:
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch, Rectangle
+    from matplotlib.ticker import MaxNLocator
 except ImportError as err:  # an optional dependency: say how to get it
     raise ImportError(f"the panseg report needs matplotlib ({err}): pip install 'panseg[viz]'") from err
 
@@ -227,7 +228,7 @@ def _draw_plane(ax, view: CaseView, plane: _Plane) -> None:
 
 
 def render_curves_png(rows: list[dict], dpi: int = 80) -> bytes:
-    """Training curves: train loss, and every numeric `val_*` metric, by epoch.
+    """Training curves: train loss, and every `val_*` score (float; counts are left out), by epoch.
 
     Args:
         rows: one dict per epoch with 'epoch' and 'train_loss' (RUN/metrics.jsonl, deduplicated).
@@ -241,9 +242,11 @@ def render_curves_png(rows: list[dict], dpi: int = 80) -> bytes:
     loss = [(r["epoch"], r["train_loss"]) for r in rows if _is_number(r.get("epoch")) and _is_number(r.get("train_loss"))]
     if not loss:
         raise ValueError("the training log has no epoch with a train_loss")
-    val_keys = sorted({k for r in rows for k, v in r.items() if k.startswith("val_") and _is_number(v)})
+    # Scores are floats; integer val_* entries are counts (val_cases) and would flatten the score axis.
+    val_keys = sorted({k for r in rows for k, v in r.items() if k.startswith("val_") and isinstance(v, float)
+                       and _is_number(v)})
     fig = Figure(figsize=(10.0 if val_keys else 5.5, 3.4), dpi=dpi)
-    axes = fig.subplots(1, 2 if val_keys else 1, squeeze=False)[0]
+    axes = fig.subplots(1, 2 if val_keys else 1, squeeze=False, sharex=True)[0]  # one epoch axis
     axes[0].plot(*zip(*loss), marker=".", color="#2563eb")
     axes[0].set(title="train loss", xlabel="epoch")
     if val_keys:
@@ -254,6 +257,7 @@ def render_curves_png(rows: list[dict], dpi: int = 80) -> bytes:
         axes[1].legend(fontsize=8)
     for ax in axes:
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     return _png_bytes(fig)
 

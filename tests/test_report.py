@@ -145,7 +145,7 @@ def test_case_png_uses_the_spacing_for_proportions():
 def test_curves_png_and_training_log(tmp_path):
     log = tmp_path / "metrics.jsonl"
     rows = [{"epoch": 1, "train_loss": 1.0}, {"epoch": 2, "train_loss": 0.8, "val_tumor_dsc": 0.1},
-            {"epoch": 2, "train_loss": 0.7, "val_tumor_dsc": 0.2}]  # epoch 2 again after a resume
+            {"epoch": 2, "train_loss": 0.7, "val_tumor_dsc": 0.2, "val_cases": 3}]  # epoch 2 again after a resume
     log.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     read = read_training_log(log)
     assert [r["train_loss"] for r in read] == [1.0, 0.7]
@@ -153,6 +153,8 @@ def test_curves_png_and_training_log(tmp_path):
     assert image.shape[1] > 600  # two panels: loss and validation
     one_panel = _decode_png(render_curves_png(read[:1]))
     assert one_panel.shape[1] < image.shape[1]
+    counts_only = _decode_png(render_curves_png([{"epoch": 1, "train_loss": 1.0, "val_cases": 3}]))
+    assert counts_only.shape == one_panel.shape  # a count (int) is not plotted as a validation score
     log.write_text(json.dumps(rows[0]) + '\n{"epoch": 2, "train_lo\n')
     with pytest.raises(ValueError, match="line 2 is not JSON"):
         read_training_log(log)
