@@ -17,6 +17,7 @@ EPILOG = """examples:
   panseg tune --store data/store.zarr --out sweeps/s1 --preset tiny --trials 4
   panseg predict --model runs/tiny --input data/test --output preds
   panseg evaluate --pred preds --gt data/truth --out metrics.csv
+  panseg report runs/tiny preds --images data/test --gt data/truth --out report.html
   panseg config --preset tiny --set train.lr=0.003 --out my.yaml
   panseg demo --workdir demo_work
 
@@ -183,6 +184,18 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from panseg.report import build_report, sources_from_paths
+
+    sources = sources_from_paths(args.inputs, images_dir=args.images, gt_dir=args.gt, metrics_csv=args.metrics)
+    result = build_report(sources, args.out, max_cases=args.max_cases)
+    for line in result.notes + result.problems:
+        print(f"  {line}")
+    print(f"report: {result.cases} cases, {result.cases_drawn} drawn, {len(result.problems)} could not be drawn; "
+          f"wrote {result.path}")
+    return 1 if result.problems else 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from panseg.demo import run_demo
 
@@ -297,6 +310,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="per-case CSV to write")
     p.add_argument("--tolerance-mm", type=float, default=2.0, help="NSD tolerance (FLARE 2024: 2 mm)")
     p.set_defaults(handler=_cmd_evaluate)
+
+    p = sub.add_parser("report", help="a self-contained HTML page: training curves, per-case metrics, CT overlays",
+                       description="Write one HTML file (images embedded) with the training curves of a run, the "
+                       "per-case metrics table (sortable) and, per case, the CT with ground truth, prediction and "
+                       "crop box in three planes through the largest lesion (or the largest false positive).",
+                       epilog="examples:\n  panseg report runs/tiny --out report.html\n"
+                       "  panseg report preds --images data/test --gt data/truth --out report.html\n"
+                       "  panseg report runs/tiny preds --images data/test --gt data/truth --out report.html")
+    p.add_argument("inputs", nargs="+", metavar="RUN_DIR|PRED_DIR",
+                   help="a training run directory (metrics.jsonl, config.yaml) and/or a prediction folder "
+                   "(<case>.nii.gz masks, predictions.csv); each is recognised by what it holds")
+    p.add_argument("--out", required=True, help="the HTML file to write, e.g. report.html")
+    p.add_argument("--images", default=None, metavar="DIR", help="folder of the CTs <case>_0000.nii.gz (for overlays)")
+    p.add_argument("--gt", default=None, metavar="DIR", help="folder of ground-truth <case>.nii.gz masks")
+    p.add_argument("--metrics", default=None, metavar="CSV",
+                   help="per-case CSV of `panseg evaluate --out` (default: evaluate the predictions against --gt)")
+    p.add_argument("--max-cases", type=int, default=60, help="draw at most this many cases, first by id (default 60)")
+    p.set_defaults(handler=_cmd_report)
 
     p = sub.add_parser("demo", help="the pipeline on a synthetic cohort, end to end",
                        epilog="example:\n  panseg demo --workdir demo_work --cases 8")

@@ -53,6 +53,7 @@ def run_demo(workdir: str | Path, cases: int = 8, healthy: int = 2, seed: int = 
 
     paths = {"raw": raw, "truth": truth, "store": store, "run": run}
     paths.update(_predict_and_evaluate(work, raw, truth, run, job.val_ids, num_cpus, started))
+    paths.update(_write_report(work, run, started))
     print(f"\ndemo finished in {time.perf_counter() - started:.0f} s; everything is in {work}")
     return paths
 
@@ -90,3 +91,18 @@ def _predict_and_evaluate(work: Path, raw: Path, truth: Path, run: Path, val_ids
         print(format_table(result))
         write_csv(result, work / f"metrics_{gt.name}.csv")
     return {"predictions": predictions}
+
+
+def _write_report(work: Path, run: Path, started: float) -> dict:
+    """WORKDIR/report.html: curves, metrics against the complete truth, overlays (needs the viz extra)."""
+    _stage("report", started)
+    try:
+        from panseg.report import build_report, sources_from_paths
+    except ImportError as err:  # matplotlib is in the viz extra
+        print(f"report skipped: {err}; install it with pip install 'panseg[viz]'")
+        return {}
+    sources = sources_from_paths([run, work / "predictions"], images_dir=work / "held_out_images",
+                                 gt_dir=work / "held_out_truth")
+    result = build_report(sources, work / "report.html", title="panseg demo")
+    print(f"wrote {result.path} ({result.cases_drawn} case(s) drawn); open it in a browser")
+    return {"report": result.path}

@@ -15,14 +15,14 @@ def test_help_is_fast_and_lists_every_stage():
     out = subprocess.run([sys.executable, "-m", "panseg.cli", "--help"], capture_output=True, text=True, check=True)
     elapsed = time.perf_counter() - start
     assert elapsed < 2.0, f"panseg --help took {elapsed:.2f} s"
-    for stage in ("phantom", "preprocess", "config", "demo"):
+    for stage in ("phantom", "preprocess", "config", "report", "demo"):
         assert stage in out.stdout
     assert "examples:" in out.stdout
 
 
 def test_help_imports_nothing_heavy():
     code = ("import sys; from panseg.cli import build_parser; build_parser(); "
-            "heavy = [m for m in ('ray', 'torch', 'SimpleITK', 'zarr', 'numpy') if m in sys.modules]; print(heavy)")
+            "heavy = [m for m in ('ray', 'torch', 'SimpleITK', 'zarr', 'numpy', 'matplotlib') if m in sys.modules]; print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
