@@ -158,7 +158,7 @@ def test_killed_pseudolabel_resumes_with_only_the_missing_cases(ray_local, small
     model = _untrained("organs", tmp_path / "organ_model")
     images, out = small_cohort / "raw" / "imagesTr", tmp_path / "organsTr"
     cmd = [sys.executable, "-m", "panseg.cli", "pseudolabel", "--model", str(model), "--input", str(images),
-           "--output", str(out), "--num-cpus", "2", "--quiet", "--set", "infer.step_fraction=0.5"]
+           "--output", str(out), "--num-cpus", "2", "--quiet", "--set", "infer.windows_per_batch=4"]
     env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     masks = lambda: {p.name for p in out.glob("*.nii.gz")}  # noqa: E731 (atomic writes: no partial file has this name)
@@ -182,7 +182,7 @@ def test_killed_pseudolabel_resumes_with_only_the_missing_cases(ray_local, small
     from panseg.cli import main
 
     assert main(["pseudolabel", "--model", str(model), "--input", str(images), "--output", str(out), "--quiet",
-                 "--set", "infer.step_fraction=0.5"]) == 0  # in this process, on the session's Ray
+                 "--set", "infer.windows_per_batch=4"]) == 0  # in this process, on the session's Ray
     rows = read_qa_rows(out)
     assert len(rows) == 8 and len(masks()) == 8
     skipped = {f"{c}.nii.gz" for c, r in rows.items() if r["status"] == "skipped"}
