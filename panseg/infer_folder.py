@@ -11,6 +11,8 @@ Two stages, so reading and preprocessing the next case overlaps the prediction o
 A case whose output exists is skipped, so a rerun resumes. A bad case (unreadable, not 3D) becomes
 a `failed` row naming the case; the others go on. Every case gets a row in `predictions.csv`.
 Outputs are written by the actors, so on a multi-node cluster `output_dir` must be a shared path.
+`plan_folder` (what is skipped, what is to do) and `run_cases` (the two stages, with an optional
+per-mask `summarize` hook) are shared with `panseg pseudolabel` (panseg.pseudolabel).
 """
 
 from __future__ import annotations
