@@ -262,9 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_cmd_predict)
 
     p = sub.add_parser("pseudolabel", help="organ masks (ids 0-13) for a folder of CTs from an organ model (Ray Data)",
-                       description="Stage one of the method: run an organ model (trained on a store made with "
-                       "`panseg preprocess --task organs`) over a cohort and write each case's organ mask in its "
-                       "CT's grid, where `panseg preprocess` reads organ labels. Resumable; per-case organ "
+                       description="Stage one of the method: run an organ model (trained on a store made with\n"
+                       "`panseg preprocess --task organs`) over a cohort and write each case's organ mask in its\n"
+                       "CT's grid, where `panseg preprocess` reads organ labels. Resumable; per-case organ\n"
                        "volumes and plausibility warnings go to OUTPUT/pseudolabels.csv.",
                        epilog="examples:\n  panseg pseudolabel --model runs/organs --input data/raw/imagesTr "
                        "--output data/raw/organsTr\n  ray job submit --working-dir . -- panseg pseudolabel "

@@ -173,9 +173,11 @@ def pseudolabel_folder(model_path: str | Path, input_dir: str | Path, output_dir
         the case), the organ volumes, organs_missing and qa_warning; also written to pseudolabels.csv.
 
     Raises:
-        CheckpointError: not a panseg checkpoint; ValueError: a model that is not an organ model
-        (both before Ray starts). FileNotFoundError: input_dir holds no CT.
+        CheckpointError: not a panseg checkpoint; ValueError: a model that is not an organ model, or
+        a factor <= 1 (both before Ray starts). FileNotFoundError: input_dir holds no CT.
     """
+    if factor <= 1.0:
+        raise ValueError(f"the plausibility factor must be > 1, but it is {factor}")
     cfg = load_checkpoint(model_path).cfg
     if cfg.preprocess.task != "organs":
         raise ValueError(f"{model_path} is a model for task {cfg.preprocess.task!r}; pseudolabel needs an organ "

@@ -148,6 +148,10 @@ def test_pseudolabel_refuses_a_tumor_model_before_starting_ray(tmp_path):
     model = _untrained("tumor", tmp_path / "tumor_model")
     with pytest.raises(ValueError, match="task 'tumor'; pseudolabel needs an organ model"):
         pseudolabel_folder(model, tmp_path / "nothing", tmp_path / "out")
+    with pytest.raises(ValueError, match="factor must be > 1"):
+        pseudolabel_folder(_untrained("organs", tmp_path / "organ_model"), tmp_path / "nothing", tmp_path / "out",
+                           factor=0.5)
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.ray
