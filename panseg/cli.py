@@ -16,6 +16,7 @@ EPILOG = """examples:
   panseg train --store data/store.zarr --out runs/tiny --preset tiny --local
   panseg tune --store data/store.zarr --out sweeps/s1 --preset tiny --trials 4
   panseg predict --model runs/tiny --input data/test --output preds
+  panseg pseudolabel --model runs/organs --input data/raw/imagesTr --output data/raw/organsTr
   panseg evaluate --pred preds --gt data/truth --out metrics.csv
   panseg report runs/tiny preds --images data/test --gt data/truth --out report.html
   panseg config --preset tiny --set train.lr=0.003 --out my.yaml
@@ -167,6 +168,22 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _cmd_pseudolabel(args: argparse.Namespace) -> int:
+    from panseg.pseudolabel import format_summary, pseudolabel_folder
+
+    infer = None
+    if args.config or args.overrides:
+        from panseg.checkpoint import load_checkpoint
+        from panseg.config import apply_overrides
+
+        infer = apply_overrides(load_checkpoint(args.model).cfg, args.config, args.overrides).infer
+    rows = pseudolabel_folder(args.model, args.input, args.output, address=args.address, num_cpus=args.num_cpus,
+                              use_gpu=True if args.gpu else None, progress=not args.quiet, infer=infer,
+                              factor=args.factor)
+    print(format_summary(rows, args.output))
+    return 1 if any(r["status"] == "failed" for r in rows) else 0
+
+
 def _replace(obj, **changes):
     from dataclasses import replace
 
@@ -197,9 +214,10 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from panseg.demo import run_demo
+    from panseg.demo import run_demo, run_two_stage_demo
 
-    run_demo(args.workdir, cases=args.cases, healthy=args.healthy, seed=args.seed, num_cpus=args.num_cpus)
+    demo = run_two_stage_demo if args.two_stage else run_demo
+    demo(args.workdir, cases=args.cases, healthy=args.healthy, seed=args.seed, num_cpus=args.num_cpus)
     return 0
 
 
@@ -303,6 +321,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ray_args(p)
     p.set_defaults(handler=_cmd_predict)
 
+    p = sub.add_parser("pseudolabel", help="organ masks (ids 0-13) for a folder of CTs from an organ model (Ray Data)",
+                       description="Stage one of the method: run an organ model (trained on a store made with\n"
+                       "`panseg preprocess --task organs`) over a cohort and write each case's organ mask in its\n"
+                       "CT's grid, where `panseg preprocess` reads organ labels. Resumable; per-case organ\n"
+                       "volumes and plausibility warnings go to OUTPUT/pseudolabels.csv.",
+                       epilog="examples:\n  panseg pseudolabel --model runs/organs --input data/raw/imagesTr "
+                       "--output data/raw/organsTr\n  ray job submit --working-dir . -- panseg pseudolabel "
+                       "--model /shared/runs/organs --input /shared/raw/imagesTr --output /shared/raw/organsTr "
+                       "--address auto")
+    p.add_argument("--model", required=True, help="organ model: run directory, checkpoint directory or file")
+    p.add_argument("--input", required=True, help="folder of CTs named <case>_0000.nii.gz, e.g. RAW/imagesTr")
+    p.add_argument("--output", required=True, help="folder for <case>.nii.gz organ masks, e.g. RAW/organsTr "
+                   "(cases already there are skipped)")
+    p.add_argument("--factor", type=float, default=3.0,
+                   help="warn when an organ's volume is outside [median/F, median*F] of the cohort (default 3)")
+    p.add_argument("--gpu", action="store_true", help="require GPUs (default: use them when the cluster has any)")
+    p.add_argument("--quiet", action="store_true", help="no progress line")
+    group = p.add_argument_group("configuration (applied on the checkpoint's own config)")
+    group.add_argument("--config", metavar="FILE", default=None, help="YAML or JSON whose infer keys apply")
+    group.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="overrides",
+                       help="e.g. --set infer.step_fraction=0.5 --set infer.windows_per_batch=4")
+    _add_ray_args(p)
+    p.set_defaults(handler=_cmd_pseudolabel)
+
     p = sub.add_parser("evaluate", help="FLARE 2024 lesion DSC / NSD of predicted masks against ground truth",
                        epilog="example:\n  panseg evaluate --pred preds --gt data/test/labelsTs --out metrics.csv")
     p.add_argument("--pred", required=True, help="folder of predicted <case>.nii.gz masks")
@@ -330,12 +372,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_cmd_report)
 
     p = sub.add_parser("demo", help="the pipeline on a synthetic cohort, end to end",
-                       epilog="example:\n  panseg demo --workdir demo_work --cases 8")
+                       epilog="examples:\n  panseg demo --workdir demo_work --cases 8\n"
+                       "  panseg demo --workdir demo2 --two-stage")
     p.add_argument("--workdir", default="demo_work", help="where everything is written (default demo_work)")
     p.add_argument("--cases", type=int, default=8)
     p.add_argument("--healthy", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-cpus", type=int, default=None)
+    p.add_argument("--two-stage", action="store_true",
+                   help="both stages: organ cohort -> organ model -> pseudo-labels on the tumor cohort -> fused "
+                   "store -> tumor model -> evaluate")
     p.set_defaults(handler=_cmd_demo)
     return parser
 

@@ -11,6 +11,8 @@ Two stages, so reading and preprocessing the next case overlaps the prediction o
 A case whose output exists is skipped, so a rerun resumes. A bad case (unreadable, not 3D) becomes
 a `failed` row naming the case; the others go on. Every case gets a row in `predictions.csv`.
 Outputs are written by the actors, so on a multi-node cluster `output_dir` must be a shared path.
+`plan_folder` (what is skipped, what is to do) and `run_cases` (the two stages, with an optional
+per-mask `summarize` hook) are shared with `panseg pseudolabel` (panseg.pseudolabel).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -30,7 +33,7 @@ import torch
 from panseg.checkpoint import load_checkpoint
 from panseg.config import InferConfig, PreprocessConfig, from_dict, to_dict
 from panseg.infer import PreparedCase, load_predictor, prediction_row, prepare_volume
-from panseg.io import CaseFiles, ImageReadError, discover_cohort, read_geometry, read_volume, write_volume
+from panseg.io import CaseFiles, ImageReadError, Volume, discover_cohort, read_geometry, read_volume, write_volume
 from panseg.preprocess import CaseError
 from panseg.ray_shell import Progress, collect_rows, ray_session
 from panseg.resource_monitor import CaseUsage, peak_rss_mb, reset_peak_rss
@@ -49,6 +52,7 @@ _MAX_CPUS_PER_ACTOR = 8  # a CPU U-Net gains little from more threads than this
 _PREPARE_BYTES_PER_VOXEL = 12
 _PREPARE_BASE_MEMORY = 512 * 2**20
 _HEADER_SAMPLE = 64
+Summarize = Callable[[Volume], dict]  # a written mask -> extra row values (e.g. organ volumes)
 
 
 @dataclass(frozen=True)
@@ -126,9 +130,11 @@ def prepare_row(row: dict, preprocess_json: str, threads: int = 1) -> dict:
 class PredictorActor:
     """Ray Data callable class: loads the model once, then predicts one prepared case per call."""
 
-    def __init__(self, model_path: str, infer_json: str | None = None, threads: int = 1) -> None:
+    def __init__(self, model_path: str, infer_json: str | None = None, threads: int = 1,
+                 summarize: Summarize | None = None) -> None:
         infer = from_dict(InferConfig, json.loads(infer_json)) if infer_json else None
         self.predictor = load_predictor(model_path, infer=infer, threads=threads)
+        self.summarize = summarize
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = [self._predict_one({key: batch[key][i] for key in batch}) for i in range(len(batch["case_id"]))]
@@ -158,6 +164,8 @@ class PredictorActor:
         row = prediction_row(case_id, output, prediction, {**prediction.seconds, "write": write_s}, report)
         row.update(prepare_s=round(meta["prepare_s"], 3), predict_s=report["seconds"],
                    seconds=round(meta["prepare_s"] + report["seconds"], 3))
+        if self.summarize is not None:
+            row.update(self.summarize(prediction.volume))
         return row
 
 
@@ -184,15 +192,16 @@ def read_csv_rows(path: str | Path) -> dict[str, dict]:
                 for r in csv.DictReader(f)}
 
 
-def write_csv_rows(rows: list[dict], path: str | Path) -> Path:
-    """Write predictions.csv atomically; lists become JSON text, None an empty cell."""
+def write_csv_rows(rows: list[dict], path: str | Path, columns: Sequence[str] = CSV_COLUMNS) -> Path:
+    """Write predictions.csv (or another per-case CSV with `columns`) atomically; lists become JSON
+    text, None an empty cell."""
     path = Path(path)
     tmp = path.with_name(f".tmp-{uuid.uuid4().hex[:8]}-{path.name}")
     with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: _cell(row.get(k)) for k in CSV_COLUMNS})
+            writer.writerow({k: _cell(row.get(k)) for k in columns})
     os.replace(tmp, path)
     return path
 
@@ -251,10 +260,27 @@ def predict_folder(model_path: str | Path, input_dir: str | Path, output_dir: st
         FileNotFoundError: input_dir holds no CT.
     """
     cfg = load_checkpoint(model_path).cfg  # fail fast on a bad checkpoint; the read stage needs its preprocessing
+    rows, todo = plan_folder(input_dir, output_dir, CSV_NAME)
+    infer_json = json.dumps(to_dict(infer)) if infer is not None else None
+    rows += run_cases(todo, model_path, output_dir, cfg.preprocess, infer_json, address=address, num_cpus=num_cpus,
+                      use_gpu=use_gpu, progress=progress)
+    rows.sort(key=lambda r: r["case_id"])
+    write_csv_rows(rows, Path(output_dir) / CSV_NAME)
+    return rows
+
+
+def plan_folder(input_dir: str | Path, output_dir: str | Path, csv_name: str) -> tuple[list[dict], list[CaseFiles]]:
+    """What a folder run still has to do: rows of the cases that need no work (invalid ids: 'failed';
+    an output already there: 'skipped', with the measurements of the earlier run's `csv_name` row) and
+    the cases to predict. Creates `output_dir`.
+
+    Raises:
+        FileNotFoundError: input_dir holds no CT.
+    """
     cohort = discover_cohort(input_dir, images_dir=input_dir)
     out_dir = Path(output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    earlier = read_csv_rows(out_dir / CSV_NAME)
+    earlier = read_csv_rows(out_dir / csv_name)
     rows = [failed_row(c.case_id, c.error) for c in cohort.invalid]
     todo: list[CaseFiles] = []
     for case in cohort.valid:
@@ -263,30 +289,38 @@ def predict_folder(model_path: str | Path, input_dir: str | Path, output_dir: st
             rows.append(_skipped_row(case.case_id, target, earlier.get(case.case_id)))
         else:
             todo.append(case)
-    if todo:
-        infer_json = json.dumps(to_dict(infer)) if infer is not None else None
-        rows += _run_ray(todo, str(Path(model_path).resolve()), out_dir, cfg.preprocess, infer_json, address,
-                         num_cpus, use_gpu, progress)
-    rows.sort(key=lambda r: r["case_id"])
-    write_csv_rows(rows, out_dir / CSV_NAME)
-    return rows
+    return rows, todo
 
 
-def _run_ray(todo: list[CaseFiles], model_path: str, out_dir: Path, pcfg: PreprocessConfig,
-             infer_json: str | None, address: str | None, num_cpus: int | None, use_gpu: bool | None,
-             progress: bool) -> list[dict]:
+def run_cases(todo: list[CaseFiles], model_path: str | Path, output_dir: str | Path, pcfg: PreprocessConfig,
+              infer_json: str | None, *, address: str | None = None, num_cpus: int | None = None,
+              use_gpu: bool | None = None, progress: bool = True, summarize: Summarize | None = None,
+              stage: str = "predict") -> list[dict]:
+    """Predict `todo` into `output_dir/<case>.nii.gz` through Ray Data (nothing starts when it is empty).
+
+    Args:
+        summarize: a module-level function `Volume -> dict` run by the actor on each written mask;
+            its keys join the case's row (pseudolabel's organ volumes).
+        stage: the name on the progress line.
+
+    Returns:
+        One row per case of `todo`, in completion order.
+    """
+    if not todo:
+        return []
     import ray
 
+    out_dir = Path(output_dir)
     with ray_session(address, num_cpus):
         resources = ray.cluster_resources()
         gpus = resources.get("GPU", 0.0)
         plan = plan_actors(resources.get("CPU", 1.0), gpus, gpus >= 1 if use_gpu is None else use_gpu)
-        ds = _build_dataset(todo, model_path, out_dir, pcfg, infer_json, plan)
-        return collect_rows(ds, Progress("predict", len(todo), enabled=progress))
+        ds = _build_dataset(todo, str(Path(model_path).resolve()), out_dir, pcfg, infer_json, plan, summarize)
+        return collect_rows(ds, Progress(stage, len(todo), enabled=progress))
 
 
 def _build_dataset(todo: list[CaseFiles], model_path: str, out_dir: Path, pcfg: PreprocessConfig,
-                   infer_json: str | None, plan: ActorPlan):
+                   infer_json: str | None, plan: ActorPlan, summarize: Summarize | None = None):
     import ray
 
     items = [{"case_id": c.case_id, "image": os.path.abspath(c.image),
@@ -303,8 +337,8 @@ def _build_dataset(todo: list[CaseFiles], model_path: str, out_dir: Path, pcfg: 
                           compute=ray.data.ActorPoolStrategy(size=plan.actors),
                           num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor,
                           fn_constructor_kwargs={"model_path": model_path, "infer_json": infer_json,
-                                                 "threads": threads})
+                                                 "threads": threads, "summarize": summarize})
 
 
-__all__ = ["ActorPlan", "CSV_COLUMNS", "CSV_NAME", "PredictorActor", "plan_actors", "predict_folder",
-           "prepare_row", "read_csv_rows", "write_csv_rows"]
+__all__ = ["ActorPlan", "CSV_COLUMNS", "CSV_NAME", "PredictorActor", "output_path", "plan_actors", "plan_folder",
+           "predict_folder", "prepare_row", "read_csv_rows", "run_cases", "write_csv_rows"]

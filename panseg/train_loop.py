@@ -36,6 +36,7 @@ from panseg.training_parts import (
     lr_at_epoch,
     make_model,
     make_session,
+    selection_metric,
     validate,
 )
 
@@ -172,7 +173,7 @@ def _restore(job: TrainJob, session: Session, parts) -> tuple[int, float | None]
 
 
 def _update_best(best: float | None, metrics: dict, cfg: PansegConfig) -> tuple[float | None, bool]:
-    value = metrics.get(cfg.tune.metric)
+    value = metrics.get(selection_metric(cfg))
     if value is None:
         return best, False
     better = best is None or (value > best if cfg.tune.mode == "max" else value < best)

@@ -139,6 +139,14 @@ def num_classes_of(cfg: PansegConfig) -> int:
     return len(label_names(cfg.preprocess.task))
 
 
+def selection_metric(cfg: PansegConfig) -> str:
+    """The validation metric that picks RUN/model_best: `tune.metric`, except that an organ model (which
+    has no tumor metrics) is picked by `val_organ_dsc` when `tune.metric` names a tumor metric."""
+    if cfg.preprocess.task == "organs" and cfg.tune.metric.startswith("val_tumor"):
+        return "val_organ_dsc"
+    return cfg.tune.metric
+
+
 def make_model(cfg: PansegConfig) -> torch.nn.Module:
     return build_model(cfg.model, num_classes_of(cfg), cfg.train.patch_size_zyx, cfg.preprocess.target_spacing_zyx_mm)
 

@@ -15,7 +15,8 @@ def test_help_is_fast_and_lists_every_stage():
     out = subprocess.run([sys.executable, "-m", "panseg.cli", "--help"], capture_output=True, text=True, check=True)
     elapsed = time.perf_counter() - start
     assert elapsed < 2.0, f"panseg --help took {elapsed:.2f} s"
-    for stage in ("phantom", "preprocess", "config", "report", "demo"):
+    for stage in ("phantom", "preprocess", "config", "train", "tune", "predict", "pseudolabel", "evaluate", "report",
+                  "demo"):
         assert stage in out.stdout
     assert "examples:" in out.stdout
 
@@ -32,6 +33,8 @@ def test_help_imports_nothing_heavy():
     ["phantom", "out", "--cases", "3", "--sead", "1"],  # a typo
     ["preprocess", "--raw", "r"],               # --out missing
     ["config", "--preset", "papper"],
+    ["pseudolabel", "--model", "m", "--input", "i"],  # --output missing
+    ["demo", "--two"],                          # an abbreviation of --two-stage
     ["nonsense"],
 ])
 def test_strict_parsing_rejects_bad_arguments(argv, capsys):
