@@ -266,10 +266,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     handler: Callable[[argparse.Namespace], int] = args.handler
+    from panseg.cluster import ClusterResourcesError
     from panseg.config import ConfigError
 
     try:
         return handler(args)
+    except ClusterResourcesError as err:  # fail fast: Ray alone would wait forever for what no node has
+        parser.exit(3, f"panseg {args.command}: {err}\n")
     except ConfigError as err:
         parser.exit(2, f"panseg {args.command}: config error: {err}\n")
     except (FileNotFoundError, NotADirectoryError) as err:
