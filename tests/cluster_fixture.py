@@ -113,10 +113,10 @@ class LocalCluster:
         return node
 
     def add_worker(self, name: str) -> Node:
-        before = len(self.alive_nodes())
+        known = {n["node_id"] for n in self.alive_nodes()}
         b = _free_block(PORTS_PER_NODE)
         node = self._start(name, [f"--address=127.0.0.1:{self.gcs_port}"], b)
-        self._wait(lambda: len(self.alive_nodes()) == before + 1, f"worker node {name}", node)
+        self._wait(lambda: any(n["node_id"] not in known for n in self.alive_nodes()), f"worker node {name}", node)
         return node
 
     def _start(self, name: str, args: list[str], b: int) -> Node:
@@ -181,7 +181,7 @@ class LocalCluster:
         """Stop every process of this cluster: each node's group, then anything left carrying the marker."""
         for node in self.nodes:
             _signal_group(node.pgid, signal.SIGTERM)
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + 5
         while time.monotonic() < deadline and any(n.process.poll() is None for n in self.nodes):
             time.sleep(0.3)
         for node in self.nodes:

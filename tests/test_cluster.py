@@ -91,3 +91,167 @@ def test_preprocessing_cpus_grow_with_the_memory_a_case_needs():
     assert task_cpus(10 * GiB, per_cpu) == 3  # a case that takes the memory of 2.5 CPUs gets 3 as threads
     assert task_cpus(100 * GiB, per_cpu) == 8  # capped
     assert task_cpus(10 * GiB, 0.0) == 1  # a cluster that reports no memory
+
+
+# ----------------------------------------------------------------------------------------------
+# A two-node cluster on this machine: `ray job submit` of each stage, and losing a node
+# ----------------------------------------------------------------------------------------------
+
+TRAIN_SETTINGS = ["--preset", "tiny", "--set", "train.epochs=4", "--set", "train.iterations_per_epoch=2",
+                  "--set", "train.batch_size=1", "--set", "train.checkpoint_every_epochs=1",
+                  "--set", "train.val_every_epochs=4", "--set", "train.val_max_cases=1"]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A head and one worker node, 1 CPU each (so two of anything must use both), and a small cohort.
+
+    Shared by the tests below, which run in order: preprocess, then train (losing a node), then refusal.
+    """
+    from cluster_fixture import start_cluster
+
+    from panseg.phantom import write_cohort
+
+    data = tmp_path_factory.mktemp("cluster_data")
+    write_cohort(data / "raw", cases=4, healthy=1, seed=0, small=True)
+    started = time.perf_counter()
+    running = start_cluster(workers=1, cpus_per_node=1)
+    print(f"two-node cluster up in {time.perf_counter() - started:.1f} s: {running.dashboard}")
+    try:
+        yield running, data
+    finally:
+        running.stop()
+        import shutil
+
+        shutil.rmtree(running.base, ignore_errors=True)
+
+
+def _node_ids(cluster_) -> dict[str, str]:
+    """Ray node id -> 'head' or 'worker' for the alive nodes."""
+    return {n["node_id"]: ("head" if n["is_head_node"] else "worker") for n in cluster_.alive_nodes()}
+
+
+def _job_output(result) -> str:
+    return f"exit {result.returncode}\n--- stdout\n{result.stdout[-6000:]}\n--- stderr\n{result.stderr[-3000:]}"
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_preprocess_job_spreads_cases_over_both_nodes(cluster):
+    from panseg.store import read_manifest
+
+    running, data = cluster
+    nodes = _node_ids(running)
+    result = running.submit(["panseg", "preprocess", "--raw", str(data / "raw"), "--out", str(data / "store.zarr"),
+                             "--preset", "tiny", "--quiet", "--address", "auto"], cwd=ROOT)
+    assert result.returncode == 0, _job_output(result)
+    assert "ok: 5" in result.stdout and "succeeded" in result.stdout + result.stderr, _job_output(result)
+    rows = read_manifest(data / "store.zarr")
+    assert [r["status"] for r in rows] == ["ok"] * 5
+    used = {nodes.get(r["node"], r["node"]) for r in rows}
+    assert used == {"head", "worker"}, [(r["case_id"], r["node"]) for r in rows]
+
+
+def _wait_for(condition, what: str, timeout: float, job=None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        if job is not None and job() in ("FAILED", "STOPPED", "SUCCEEDED"):
+            raise AssertionError(f"waiting for {what}, the job ended: {job()}")
+        time.sleep(0.3)
+    raise AssertionError(f"no {what} after {timeout:.0f} s")
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
+
+
+def _ranks(run: Path) -> dict[int, dict]:
+    return {json.loads(p.read_text())["rank"]: json.loads(p.read_text()) for p in (run / "workers").glob("rank_*.json")}
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_train_job_puts_a_worker_on_each_node_and_survives_losing_one(cluster):
+    """`ray job submit` of a 2-worker `panseg train`: one worker per node; then the worker node's raylet
+    is killed after a checkpoint, a fresh node joins, and the run resumes from its last checkpoint and
+    finishes with nothing in the store or the run directory corrupt."""
+    from ray.job_submission import JobSubmissionClient
+
+    from panseg.checkpoint import load_checkpoint
+    from panseg.config import load_config
+    from panseg.store import read_case, read_manifest
+
+    running, data = cluster
+    store, run = data / "store.zarr", data / "run"
+    if not (store / "manifest.parquet").exists():
+        pytest.skip("needs the store of test_preprocess_job_spreads_cases_over_both_nodes")
+    nodes = _node_ids(running)
+    submitted = running.submit(["panseg", "train", "--store", str(store), "--out", str(run), "--workers", "2",
+                                "--max-failures", "2", "--address", "auto", *TRAIN_SETTINGS], cwd=ROOT, wait=False)
+    assert submitted.returncode == 0, _job_output(submitted)
+    job_id = next(w.strip("'") for line in submitted.stdout.splitlines() + submitted.stderr.splitlines()
+                  for w in line.split() if w.strip("'").startswith("raysubmit_"))
+    client = JobSubmissionClient(running.dashboard)
+
+    def status():
+        return str(client.get_job_status(job_id)).split(".")[-1]
+
+    # Epoch 2 logged: the checkpoint of epoch 1 has surely reached Ray Train (epoch 2's may not have).
+    _wait_for(lambda: (run / "metrics.jsonl").is_file() and any(r["epoch"] == 2 for r in _metrics(run)),
+              "epoch 2", 240, job=status)
+    before = _ranks(run)
+    assert sorted(nodes[r["node_id"]] for r in before.values()) == ["head", "worker"], before
+    lost = next(n for n in running.nodes if n.name == "worker1")
+    killed_at = time.time()
+    running.kill_raylet(lost)
+    running.add_worker("worker2")  # resources come back: a new node, as an autoscaler would add
+
+    _wait_for(lambda: status() in ("SUCCEEDED", "FAILED", "STOPPED"), "end of the training job", 300)
+    logs = client.get_job_logs(job_id)
+    assert status() == "SUCCEEDED", logs[-6000:]
+
+    rows = _metrics(run)
+    after = [r["epoch"] for r in rows if r["time"] > killed_at]
+    done_before = max(r["epoch"] for r in rows if r["time"] <= killed_at)
+    # Resumed from the last checkpoint Ray Train had (epoch 1 or 2), not from scratch.
+    assert done_before == 2 and after and after[0] in (2, 3), (done_before, after)
+    assert after[-1] == 4 and sorted({r["epoch"] for r in rows}) == [1, 2, 3, 4]
+    assert all(r["world_size"] == 2 for r in rows)
+    assert "resumed from" in logs
+    # After the restart one rank runs on the head and one on the new node, none on the lost one.
+    head, lost_id = (next(r["node_id"] for r in before.values() if nodes[r["node_id"]] == kind)
+                     for kind in ("head", "worker"))
+    now = {r["node_id"] for r in _ranks(run).values()}
+    assert head in now and lost_id not in now and len(now) == 2, (before, now)
+
+    # Nothing corrupt: every kept checkpoint and the final model load, the config reads, the store reads.
+    assert load_checkpoint(run / "model_final").epoch == 4
+    kept = sorted((run / "checkpoints").glob("epoch_*"))
+    assert kept and all(load_checkpoint(c).epoch == int(c.name.split("_")[1]) for c in kept)
+    assert load_config(run / "config.yaml").train.epochs == 4
+    manifest = read_manifest(store)
+    assert [r["status"] for r in manifest] == ["ok"] * 5
+    for row in manifest:
+        image, label, _ = read_case(store, row["case_id"])
+        assert image.shape == label.shape == tuple(row["resampled_shape"])
+
+
+@pytest.mark.ray
+def test_a_job_asking_for_what_the_cluster_lacks_fails_fast_and_says_what(cluster):
+    running, data = cluster
+    store = data / "store.zarr"
+    if not (store / "manifest.parquet").exists():
+        pytest.skip("needs the store of test_preprocess_job_spreads_cases_over_both_nodes")
+    started = time.perf_counter()
+    result = running.submit(["panseg", "train", "--store", str(store), "--out", str(data / "gpu_run"), "--workers", "2",
+                             "--gpu", "--address", "auto", *TRAIN_SETTINGS], cwd=ROOT, timeout=120)
+    elapsed = time.perf_counter() - started
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and "failed" in output, _job_output(result)
+    assert "2 training workers need 2 GPU in all, but the cluster has 0 GPU" in output, _job_output(result)
+    assert "each training worker asks for 1 CPU, 1 GPU on one node, but no node has that" in output
+    assert "Traceback" not in output  # a message, not a crash
+    assert elapsed < 60, f"took {elapsed:.0f} s to refuse"
+    assert not (data / "gpu_run" / "checkpoints").exists()
