@@ -239,6 +239,30 @@ def test_train_job_puts_a_worker_on_each_node_and_survives_losing_one(cluster):
 
 
 @pytest.mark.ray
+@pytest.mark.slow
+def test_predict_job_writes_masks_to_the_shared_output(cluster):
+    import shutil
+
+    import SimpleITK as sitk
+
+    from panseg.infer_folder import read_csv_rows
+
+    running, data = cluster
+    run = data / "run"
+    if not (run / "model_final").is_dir():
+        pytest.skip("needs the run of test_train_job_puts_a_worker_on_each_node_and_survives_losing_one")
+    (data / "test").mkdir(exist_ok=True)
+    shutil.copy(data / "raw" / "imagesTr" / "phantom_000_0000.nii.gz", data / "test")
+    result = running.submit(["panseg", "predict", "--model", str(run), "--input", str(data / "test"),
+                             "--output", str(data / "preds"), "--quiet", "--address", "auto"], cwd=ROOT)
+    assert result.returncode == 0, _job_output(result)
+    rows = read_csv_rows(data / "preds" / "predictions.csv")
+    assert rows["phantom_000"]["status"] == "ok", rows
+    mask = sitk.ReadImage(str(data / "preds" / "phantom_000.nii.gz"))
+    image = sitk.ReadImage(str(data / "test" / "phantom_000_0000.nii.gz"))
+    assert mask.GetSize() == image.GetSize() and mask.GetSpacing() == image.GetSpacing()
+
+@pytest.mark.ray
 def test_a_job_asking_for_what_the_cluster_lacks_fails_fast_and_says_what(cluster):
     running, data = cluster
     store = data / "store.zarr"
