@@ -21,7 +21,7 @@ import math
 import os
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -277,10 +277,15 @@ def _run_ray(todo: list[CaseFiles], model_path: str, out_dir: Path, pcfg: Prepro
              progress: bool) -> list[dict]:
     import ray
 
+    from panseg.cluster import cluster_capacity
+
     with ray_session(address, num_cpus):
         resources = ray.cluster_resources()
-        gpus = resources.get("GPU", 0.0)
+        # GPUs the cluster has or its autoscaler can add (GPU nodes of an autoscaled cluster start at 0).
+        gpus = cluster_capacity().totals.get("GPU", 0.0)
         plan = plan_actors(resources.get("CPU", 1.0), gpus, gpus >= 1 if use_gpu is None else use_gpu)
+        if plan.gpus_per_actor:
+            plan = replace(plan, actors=min(plan.actors, len(todo)))  # never hold more GPUs than cases
         ds = _build_dataset(todo, model_path, out_dir, pcfg, infer_json, plan)
         return collect_rows(ds, Progress("predict", len(todo), enabled=progress))
 
