@@ -61,15 +61,17 @@ def unmet_requirements(bundles: list[dict[str, float]], capacity: Capacity, what
     return problems
 
 
-def require_resources(bundles: list[dict[str, float]], what: str, advice: str) -> None:
+def require_resources(bundles: list[dict[str, float]], what: str, advice: str,
+                      capacity: Capacity | None = None) -> None:
     """Raise `ClusterResourcesError` at once if the connected Ray cluster can never hold `bundles`.
 
     Args:
         bundles: resources of each task/actor/worker needed at the same time, e.g. [{"CPU": 1, "GPU": 1}] * 4.
         what: the name of one of them in the message ("training worker", "preprocessing task").
         advice: what the user can change, appended to the message.
+        capacity: the cluster's capacity if already read (default: read it now).
     """
-    problems = unmet_requirements(bundles, cluster_capacity(), what)
+    problems = unmet_requirements(bundles, capacity or cluster_capacity(), what)
     if problems:
         raise ClusterResourcesError("the Ray cluster lacks the resources this job asks for: " + "; ".join(problems)
                                     + f". {advice}")

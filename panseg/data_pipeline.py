@@ -177,14 +177,16 @@ def _run_ray(todo: list[CaseFiles], store_path: str, cfg: PreprocessConfig, addr
              num_cpus: int | None, progress: bool) -> list[dict]:
     import ray
 
-    from panseg.cluster import require_resources
+    from panseg.cluster import cluster_capacity, require_resources
 
     with ray_session(address, num_cpus):
         memory = task_memory_bytes(todo)
-        cpus = task_cpus(memory, _memory_per_cpu(ray.cluster_resources()))
+        capacity = cluster_capacity()  # the nodes, and those an autoscaler may add
+        largest_node_cpus = max((shape.get("CPU", 0.0) for shape in capacity.node_shapes), default=1.0)
+        cpus = task_cpus(memory, _memory_per_cpu(capacity.totals), max_cpus=max(1, min(8, int(largest_node_cpus))))
         require_resources([{"CPU": cpus, "memory": memory}], "preprocessing task",
                           "The largest case of this cohort needs that much on one node: add a node with more "
-                          "memory, or preprocess the largest cases separately.")
+                          "memory, or preprocess the largest cases separately.", capacity)
         fn_kwargs = {"store_path": os.path.abspath(store_path) if "://" not in store_path else store_path,
                      "cfg_json": json.dumps(to_dict(cfg)), "threads": cpus}
         # One case per block, so cases are scheduled one by one across every node.

@@ -93,6 +93,24 @@ def test_preprocessing_cpus_grow_with_the_memory_a_case_needs():
     assert task_cpus(10 * GiB, 0.0) == 1  # a cluster that reports no memory
 
 
+
+@pytest.mark.ray
+def test_preprocessing_a_case_larger_than_any_node_is_refused_at_once(ray_local, small_cohort, tmp_path,
+                                                                      monkeypatch):
+    from panseg import data_pipeline
+    from panseg.cluster import ClusterResourcesError
+    from panseg.config import preset
+    from panseg.store import list_complete_cases
+
+    monkeypatch.setattr(data_pipeline, "task_memory_bytes", lambda cases: 1000 * GiB)  # as a huge cohort's headers
+    started = time.perf_counter()
+    with pytest.raises(ClusterResourcesError, match=r"each preprocessing task asks for \d CPU, 1000.0 GiB memory "
+                       r"on one node, but no node has that \(the most any node has: \d CPU, [\d.]+ GiB memory\)"):
+        data_pipeline.run_preprocessing(small_cohort / "raw", tmp_path / "store.zarr", preset("tiny").preprocess,
+                                        progress=False)
+    assert time.perf_counter() - started < 30
+    assert list_complete_cases(tmp_path / "store.zarr") == []
+
 # ----------------------------------------------------------------------------------------------
 # A two-node cluster on this machine: `ray job submit` of each stage, and losing a node
 # ----------------------------------------------------------------------------------------------
