@@ -253,8 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("preprocess", help="crop, resample and fuse labels of a cohort into a Zarr store (Ray Data)",
                        epilog="example:\n  panseg preprocess --raw data/raw --out data/store.zarr --preset paper\n"
-                       "  ray job submit --working-dir . -- panseg preprocess --raw /shared/raw "
-                       "--out /shared/store.zarr --address auto")
+                       "  ray job submit --runtime-env runtime_env.yaml --working-dir . -- panseg preprocess "
+                       "--raw /mnt/panseg/raw --out /mnt/panseg/store.zarr --address auto")
     p.add_argument("--raw", required=True, help="raw cohort folder (imagesTr/, labelsTr/, optional organsTr/)")
     p.add_argument("--out", required=True, help="the store to write, e.g. data/store.zarr (resumable)")
     p.add_argument("--organs", default=None, metavar="DIR", help="organ pseudo-labels (default RAW/organsTr)")
@@ -267,7 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train the U-Net on a store: locally, or DDP over Ray Train workers",
                        epilog="examples:\n  panseg train --store data/store.zarr --out runs/tiny --preset tiny --local\n"
-                       "  panseg train --store data/store.zarr --out runs/paper --workers 4 --gpu --address auto\n"
+                       "  ray job submit --runtime-env runtime_env.yaml --working-dir . -- panseg train --store "
+                       "/mnt/panseg/store.zarr --out /mnt/panseg/runs/paper --workers 4 --gpu --address auto\n"
                        "  panseg train --store data/store.zarr --out runs/paper --resume")
     p.add_argument("--store", required=True, help="the Zarr store written by `panseg preprocess`")
     p.add_argument("--out", required=True, help="run directory: config, split, checkpoints, metrics, models")
@@ -306,8 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="tumor masks for a folder of CTs (Ray Data, one actor per GPU)",
                        epilog="examples:\n  panseg predict --model runs/paper --input data/test/imagesTs --output preds\n"
-                       "  ray job submit --working-dir . -- panseg predict --model /shared/runs/paper "
-                       "--input /shared/test --output /shared/preds --address auto")
+                       "  ray job submit --runtime-env runtime_env.yaml --working-dir . -- panseg predict --model "
+                       "/mnt/panseg/runs/paper --input /mnt/panseg/test --output /mnt/panseg/preds --address auto")
     p.add_argument("--model", required=True, help="run directory (its best model), checkpoint directory or file")
     p.add_argument("--input", required=True, help="folder of CTs named <case>_0000.nii.gz (or .nii/.mha/.nrrd)")
     p.add_argument("--output", required=True, help="folder for <case>.nii.gz masks and predictions.csv (resumable)")
@@ -390,17 +391,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     handler: Callable[[argparse.Namespace], int] = args.handler
+    from panseg.cluster import ClusterResourcesError
     from panseg.config import ConfigError
-    from panseg.ray_shell import ClusterTooSmallError
 
     try:
         return handler(args)
+    except ClusterResourcesError as err:  # fail fast: Ray alone would wait forever for what no node has
+        parser.exit(3, f"panseg {args.command}: {err}\n")
     except ConfigError as err:
         parser.exit(2, f"panseg {args.command}: config error: {err}\n")
     except (FileNotFoundError, FileExistsError, NotADirectoryError) as err:
         parser.exit(2, f"panseg {args.command}: {err}\n")
-    except ClusterTooSmallError as err:
-        parser.exit(1, f"panseg {args.command}: the cluster is too small: {err}\n")
     except ValueError as err:  # bad input named by the stage (checkpoint, split, patch size, store)
         parser.exit(2, f"panseg {args.command}: {err}\n")
     except KeyboardInterrupt:

@@ -3,9 +3,11 @@
 A thin Ray shell around `preprocess.preprocess_case` and `store.write_case`:
 - cases stream through one Ray Data `map`; only file paths travel through Ray, each task reads its
   own CT, preprocesses it and writes it to the store, and returns a small manifest row;
-- each task asks Ray for 1 CPU and the memory a case of this cohort needs (estimated from image
-  headers), so Ray never starts more volumes at once than memory holds, and a 10k-case cohort is
-  never materialised;
+- each task asks Ray for the memory a case of this cohort needs (estimated from image headers), so
+  Ray never starts more volumes at once than memory holds, and for CPUs in proportion: 1, or as many
+  as that memory would leave idle on the cluster's nodes, used as threads (`task_cpus`); a
+  10k-case cohort is never materialised;
+- a task no node can ever hold fails the job at once with what is missing (`panseg.cluster`);
 - a case becomes visible in the store only when complete, so a rerun skips completed cases and
   redoes only what is missing; one bad case becomes a `failed` manifest row and the rest go on.
 """
@@ -13,6 +15,7 @@ A thin Ray shell around `preprocess.preprocess_case` and `store.write_case`:
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import time
@@ -79,6 +82,18 @@ def task_memory_bytes(cases: list[CaseFiles], sample: int = HEADER_SAMPLE) -> in
             continue
         largest = max(largest, shape[0] * shape[1] * shape[2])
     return max(MIN_TASK_MEMORY, int(largest * BYTES_PER_INPUT_VOXEL * 1.25))
+
+
+def task_cpus(memory_bytes: int, memory_per_cpu: float, max_cpus: int = 8) -> int:
+    """CPUs for a task that reserves `memory_bytes`: 1, or the CPUs its memory would otherwise leave idle.
+
+    A node with `memory_per_cpu` bytes per CPU runs at most memory / task_memory tasks at once; when a
+    case is so large that this is fewer tasks than CPUs, the spare CPUs go to the task as threads
+    (SimpleITK resampling scales with them) instead of idling. Capped at `max_cpus`.
+    """
+    if memory_per_cpu <= 0:
+        return 1
+    return int(min(max(1, math.ceil(memory_bytes / memory_per_cpu - 1e-9)), max_cpus))
 
 
 def process_one(case: CaseFiles, store_path: str, cfg: PreprocessConfig, threads: int = 1) -> dict:
@@ -162,14 +177,28 @@ def _run_ray(todo: list[CaseFiles], store_path: str, cfg: PreprocessConfig, addr
              num_cpus: int | None, progress: bool) -> list[dict]:
     import ray
 
+    from panseg.cluster import cluster_capacity, require_resources
+
     with ray_session(address, num_cpus):
+        memory = task_memory_bytes(todo)
+        capacity = cluster_capacity()  # the nodes, and those an autoscaler may add
+        largest_node_cpus = max((shape.get("CPU", 0.0) for shape in capacity.node_shapes), default=1.0)
+        cpus = task_cpus(memory, _memory_per_cpu(capacity.totals), max_cpus=max(1, min(8, int(largest_node_cpus))))
+        require_resources([{"CPU": cpus, "memory": memory}], "preprocessing task",
+                          "The largest case of this cohort needs that much on one node: add a node with more "
+                          "memory, or preprocess the largest cases separately.", capacity)
         fn_kwargs = {"store_path": os.path.abspath(store_path) if "://" not in store_path else store_path,
-                     "cfg_json": json.dumps(to_dict(cfg)), "threads": 1}
+                     "cfg_json": json.dumps(to_dict(cfg)), "threads": cpus}
         # One case per block, so cases are scheduled one by one across every node.
         ds = ray.data.from_items([asdict(c) for c in todo], override_num_blocks=len(todo))
-        ds = ds.map(_map_row, fn_kwargs=fn_kwargs, num_cpus=1, memory=task_memory_bytes(todo),
+        ds = ds.map(_map_row, fn_kwargs=fn_kwargs, num_cpus=cpus, memory=memory,
                     runtime_env={"env_vars": WORKER_ENV})
         return collect_rows(ds, Progress("preprocess", len(todo), enabled=progress))
+
+
+def _memory_per_cpu(resources: dict) -> float:
+    cpus = resources.get("CPU", 0.0)
+    return resources.get("memory", 0.0) / cpus if cpus else 0.0
 
 
 def format_summary(result: PreprocessResult) -> str:
@@ -190,4 +219,4 @@ def format_summary(result: PreprocessResult) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["PreprocessResult", "format_summary", "process_one", "run_preprocessing", "task_memory_bytes"]
+__all__ = ["PreprocessResult", "format_summary", "process_one", "run_preprocessing", "task_cpus", "task_memory_bytes"]

@@ -23,7 +23,7 @@ import math
 import os
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -310,11 +310,16 @@ def run_cases(todo: list[CaseFiles], model_path: str | Path, output_dir: str | P
         return []
     import ray
 
+    from panseg.cluster import cluster_capacity
+
     out_dir = Path(output_dir)
     with ray_session(address, num_cpus):
         resources = ray.cluster_resources()
-        gpus = resources.get("GPU", 0.0)
+        # GPUs the cluster has or its autoscaler can add (GPU nodes of an autoscaled cluster start at 0).
+        gpus = cluster_capacity().totals.get("GPU", 0.0)
         plan = plan_actors(resources.get("CPU", 1.0), gpus, gpus >= 1 if use_gpu is None else use_gpu)
+        if plan.gpus_per_actor:
+            plan = replace(plan, actors=min(plan.actors, len(todo)))  # never hold more GPUs than cases
         ds = _build_dataset(todo, str(Path(model_path).resolve()), out_dir, pcfg, infer_json, plan, summarize)
         return collect_rows(ds, Progress(stage, len(todo), enabled=progress))
 

@@ -11,19 +11,18 @@ from contextlib import contextmanager
 from typing import Iterator
 
 
-class ClusterTooSmallError(RuntimeError):
-    """A job asks for more CPUs, GPUs or memory than the cluster has: said before anything starts,
-    instead of Ray waiting forever for resources that will not come."""
-
-
 @contextmanager
 def ray_session(address: str | None, num_cpus: int | None) -> Iterator[None]:
-    """Use the Ray already initialised in this process, else join `address` (or RAY_ADDRESS) or start a
-    local Ray with `num_cpus`; shut down on exit only what was started here.
+    """Use the Ray already initialised in this process, else join `address` (or RAY_ADDRESS, which
+    `ray job submit` sets) or start a local Ray with `num_cpus`; shut down on exit only what was
+    started here. `num_cpus` is ignored when joining a cluster (its nodes say what they have).
     """
+    import os
+
     import ray
 
     started_here = not ray.is_initialized()
+    address = address or os.environ.get("RAY_ADDRESS") or None
     if started_here:
         ray.init(address=address, num_cpus=None if address else num_cpus, log_to_driver=False,
                  include_dashboard=False if not address else None)

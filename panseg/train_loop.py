@@ -107,13 +107,17 @@ def train_loop_per_worker(config: dict, session: Session | None = None) -> None:
 
 
 def _record_worker(run_dir: str, session: Session) -> None:
-    """RUN/workers/rank_N.json: which process and host runs each rank (for operators and fault drills)."""
+    """RUN/workers/rank_N.json: which process, host and Ray node runs each rank (for operators and fault drills).
+
+    Nodes that share a host name (several per machine, or containers) differ by their Ray node id.
+    """
     import socket
 
     folder = Path(run_dir) / "workers"
     folder.mkdir(parents=True, exist_ok=True)
     info = {"rank": session.rank, "world_size": session.world_size, "pid": os.getpid(),
-            "host": socket.gethostname(), "device": str(session.device), "started": time.time()}
+            "host": socket.gethostname(), "node_id": session.node_id, "device": str(session.device),
+            "started": time.time()}
     tmp = folder / f".rank_{session.rank}.json.tmp"
     tmp.write_text(json.dumps(info))
     os.replace(tmp, folder / f"rank_{session.rank}.json")
@@ -378,17 +382,12 @@ def summarize_run(run_dir: str | Path) -> str:
 
 
 def _check_cluster_fits(num_workers: int, use_gpu: bool, cpus_per_worker: float) -> None:
-    """Fail before training when the cluster cannot hold the workers (Ray would wait forever)."""
-    import ray
+    """Fail before training when the cluster can never hold the workers (Ray would wait forever)."""
+    from panseg.cluster import require_resources
 
-    total = ray.cluster_resources()
-    need_cpu = num_workers * cpus_per_worker
-    if total.get("CPU", 0) < need_cpu:
-        raise RuntimeError(f"{num_workers} workers x {cpus_per_worker} CPU need {need_cpu} CPUs, but the cluster "
-                           f"has {total.get('CPU', 0)}; use fewer --workers or add nodes")
-    if use_gpu and total.get("GPU", 0) < num_workers:
-        raise RuntimeError(f"{num_workers} GPU workers need {num_workers} GPUs, but the cluster has "
-                           f"{total.get('GPU', 0)}; drop --gpu or add GPU nodes")
+    worker = {"CPU": cpus_per_worker, "GPU": 1.0 if use_gpu else 0.0}
+    require_resources([worker] * num_workers, "training worker",
+                      "Use fewer --workers or a smaller --cpus-per-worker, drop --gpu, or add nodes.")
 
 
 __all__ = ["TrainJob", "load_or_create_split", "make_job", "resolve_config", "summarize_run", "train_distributed",

@@ -34,6 +34,7 @@ class Session:
 
     rank = 0
     world_size = 1
+    node_id: str | None = None  # the Ray node id under Ray Train
 
     def __init__(self) -> None:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -60,6 +61,7 @@ class RayTrainSession(Session):
     """A Ray Train worker: DDP through Ray's process group, reports through `ray.train.report`."""
 
     def __init__(self) -> None:
+        import ray
         import ray.train
         import ray.train.torch
 
@@ -67,6 +69,7 @@ class RayTrainSession(Session):
         self.rank = context.get_world_rank()
         self.world_size = context.get_world_size()
         self.device = ray.train.torch.get_device()
+        self.node_id = ray.get_runtime_context().get_node_id()
         self._restored_dir: tempfile.TemporaryDirectory | None = None
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:

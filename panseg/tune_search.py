@@ -97,24 +97,22 @@ def trial_resources(tune_cfg: TuneConfig) -> TrialResources:
     return TrialResources(trial={"CPU": 0.1, "GPU": 0.0}, workers={k: v * w for k, v in worker.items()})
 
 
+def trial_bundles(tune_cfg: TuneConfig) -> list[dict[str, float]]:
+    """The resource bundles one trial holds at once: its own process, then each Ray Train worker."""
+    resources = trial_resources(tune_cfg)
+    if tune_cfg.workers_per_trial == 1:
+        return [resources.trial]
+    worker = {"CPU": tune_cfg.cpus_per_worker, "GPU": tune_cfg.gpus_per_worker}
+    return [resources.trial] + [worker] * tune_cfg.workers_per_trial
+
+
 def max_concurrent_trials(need: dict[str, float], cluster: dict[str, float], num_trials: int) -> int:
-    """How many trials the cluster holds at once (at least 1).
-
-    Raises:
-        ClusterTooSmallError: one trial needs more of a resource than the whole cluster has (Ray would
-            wait forever).
-    """
-    from panseg.ray_shell import ClusterTooSmallError
-
+    """How many trials needing `need` in all fit in the `cluster` totals at once (at least 1, at most
+    `num_trials`); whether one trial fits at all is `panseg.cluster.require_resources`' question."""
     fits = num_trials
     for key, amount in need.items():
-        if amount <= 0:
-            continue
-        have = cluster.get(key, 0.0)
-        if have + 1e-9 < amount:
-            raise ClusterTooSmallError(f"one trial needs {amount:g} {key} but the cluster has {have:g}; lower "
-                               f"tune.workers_per_trial / tune.cpus_per_worker / tune.gpus_per_worker or add nodes")
-        fits = min(fits, int(math.floor(have / amount + 1e-9)))
+        if amount > 0:
+            fits = min(fits, int(math.floor(cluster.get(key, 0.0) / amount + 1e-9)))
     return max(1, fits)
 
 
@@ -330,16 +328,16 @@ def run_sweep(cfg: PansegConfig | None, store: str | Path, sweep_dir: str | Path
 
     Raises:
         ConfigError: the search space names a key that cannot be searched.
-        ClusterTooSmallError: one trial needs more than the cluster has.
+        ClusterResourcesError: one trial needs more than the cluster can ever have.
         FileNotFoundError / FileExistsError: `resume` without a sweep, or a new sweep over an old one.
     """
     import functools
 
-    import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
+    from panseg.cluster import cluster_capacity, require_resources
     from panseg.config import load_config, save_config
     from panseg.ray_shell import ray_session
     from panseg.train_loop import load_or_create_split, resolve_config
@@ -367,7 +365,11 @@ def run_sweep(cfg: PansegConfig | None, store: str | Path, sweep_dir: str | Path
     resources = trial_resources(tcfg)
 
     with ray_session(address, num_cpus):
-        concurrent = max_concurrent_trials(resources.total(), ray.cluster_resources(), tcfg.num_trials)
+        capacity = cluster_capacity()
+        require_resources(trial_bundles(tcfg), what="trial resource bundle", capacity=capacity,
+                          advice="Lower tune.workers_per_trial, tune.cpus_per_worker or tune.gpus_per_worker, "
+                                 "or add nodes.")
+        concurrent = max_concurrent_trials(resources.total(), capacity.totals, tcfg.num_trials)
         print(f"tune: {tcfg.num_trials} trials, up to {concurrent} at once, {tcfg.scheduler} scheduler, "
               f"searching {', '.join(d.key for d in tcfg.search_space)}; sweep directory {sweep}", flush=True)
         trainable = tune.with_resources(
@@ -417,5 +419,5 @@ def summarize_sweep(sweep_dir: Path, base: PansegConfig, states: dict[str, str])
 
 
 __all__ = ["SweepResult", "TrialResources", "TuneSession", "best_row", "check_search_space", "format_table",
-           "max_concurrent_trials", "read_trial", "run_sweep", "summarize_sweep", "trial_config", "trial_resources",
+           "max_concurrent_trials", "read_trial", "trial_bundles", "run_sweep", "summarize_sweep", "trial_config", "trial_resources",
            "trial_table"]

@@ -116,9 +116,9 @@ def test_two_worker_ddp_on_cpu(tiny_store, tmp_path):
 def test_a_cluster_too_small_is_refused_at_once(tiny_store, tmp_path):
     _, store, _ = tiny_store
     job = make_job(_cfg(), str(store), str(tmp_path / "big"))
-    with pytest.raises(RuntimeError, match="need 8.0 CPUs, but the cluster has 2"):
+    with pytest.raises(RuntimeError, match="8 training workers need 8 CPU in all, but the cluster has 2 CPU"):
         train_distributed(job, num_workers=8, use_gpu=False)
-    with pytest.raises(RuntimeError, match="GPUs"):
+    with pytest.raises(RuntimeError, match="1 training worker needs 1 GPU in all, but the cluster has 0 GPU"):
         train_distributed(job, num_workers=1, use_gpu=True)
 
 

@@ -12,13 +12,14 @@ from pathlib import Path
 import pytest
 
 from panseg.config import ConfigError, build_config, load_config
-from panseg.ray_shell import ClusterTooSmallError
+from panseg.cluster import ClusterResourcesError
 from panseg.tune_search import (
     check_search_space,
     max_concurrent_trials,
     read_trial,
     run_sweep,
     trial_config,
+    trial_bundles,
     trial_resources,
     trial_table,
 )
@@ -56,8 +57,9 @@ def test_concurrency_follows_the_cluster_and_oversized_trials_are_refused():
                                                           "tune.gpus_per_worker=1"]).tune)
     assert ddp.workers == {"CPU": 4.0, "GPU": 2.0} and ddp.total()["CPU"] == pytest.approx(4.1)
     assert max_concurrent_trials(ddp.total(), {"CPU": 64.0, "GPU": 5.0}, num_trials=8) == 2  # GPUs decide
-    with pytest.raises(ClusterTooSmallError, match="one trial needs 2 GPU but the cluster has 0"):
-        max_concurrent_trials(ddp.total(), {"CPU": 64.0}, num_trials=8)
+    assert trial_bundles(build_config("tiny", overrides=["tune.workers_per_trial=2", "tune.cpus_per_worker=2",
+                                                         "tune.gpus_per_worker=1"]).tune) == \
+        [{"CPU": 0.1, "GPU": 0.0}, {"CPU": 2.0, "GPU": 1.0}, {"CPU": 2.0, "GPU": 1.0}]
 
 
 def test_trial_rows_tell_completed_stopped_and_failed_apart(tmp_path):
@@ -86,7 +88,8 @@ def test_a_trial_the_cluster_cannot_hold_fails_before_any_trial_starts(tiny_stor
     _, store, _ = tiny_store
     cfg = build_config("tiny", overrides=["tune.workers_per_trial=3", "tune.cpus_per_worker=1"])
     started = time.monotonic()
-    with pytest.raises(ClusterTooSmallError, match="one trial needs 3.1 CPU but the cluster has 2"):
+    with pytest.raises(ClusterResourcesError, match=r"4 trial resource bundles need 3.1 CPU in all, but the "
+                                                    r"cluster has 2 CPU.*tune.workers_per_trial"):
         run_sweep(cfg, str(store), tmp_path / "sweep")
     assert time.monotonic() - started < 30
     assert not (tmp_path / "sweep" / "trials").exists()
