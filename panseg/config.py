@@ -184,6 +184,7 @@ class TrainConfig:
     precision: Literal["bf16", "fp32"] = "bf16"  # autocast dtype on GPU; CPU always runs fp32
     val_every_epochs: int = 5
     checkpoint_every_epochs: int = 5
+    time_limit_minutes: float | None = None  # end the run (validated, final model) at the first epoch end past it
     val_fraction: float = 0.2  # held-out share of labelled cases when the split file is created
     val_max_cases: int = 20  # at most this many held-out cases per validation
     loader_threads: int = 2  # threads reading patches from the store ahead of the step
@@ -203,6 +204,8 @@ class TrainConfig:
             raise ConfigError("train.alpha_dice and train.alpha_ce must be >= 0 and not both 0")
         if not 0.0 <= self.random_patch_fraction <= 1.0:
             raise ConfigError(f"train.random_patch_fraction must be in [0, 1], but it is {self.random_patch_fraction}")
+        if self.time_limit_minutes is not None and self.time_limit_minutes <= 0:
+            raise ConfigError(f"train.time_limit_minutes must be > 0 (or null), but it is {self.time_limit_minutes}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"train.val_fraction must be in (0, 1), but it is {self.val_fraction}")
 

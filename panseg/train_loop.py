@@ -83,6 +83,7 @@ def train_loop_per_worker(config: dict, session: Session | None = None) -> None:
     end_epoch = tcfg.epochs if job.stop_after_epochs is None else min(tcfg.epochs, start_epoch + job.stop_after_epochs)
     iterations = max(1, math.ceil(tcfg.iterations_per_epoch / session.world_size))
     log = _MetricsLog(job.run_dir) if session.rank == 0 else None
+    deadline = None if tcfg.time_limit_minutes is None else time.monotonic() + 60.0 * tcfg.time_limit_minutes
     with ThreadPoolExecutor(max_workers=max(1, tcfg.loader_threads)) as pool:
         for epoch in range(start_epoch, end_epoch):
             started = time.perf_counter()
@@ -92,7 +93,8 @@ def train_loop_per_worker(config: dict, session: Session | None = None) -> None:
             train_loss = _train_epoch(model, parts, sampler, pool, tcfg, epoch, iterations, session)
             metrics = {"epoch": epoch + 1, "train_loss": train_loss, "lr": lr,
                        "epoch_seconds": time.perf_counter() - started, "world_size": session.world_size}
-            last = epoch + 1 == end_epoch
+            out_of_time = deadline is not None and _any_rank(session, time.monotonic() > deadline)
+            last = epoch + 1 == end_epoch or out_of_time
             if (epoch + 1) % tcfg.val_every_epochs == 0 or last:
                 metrics.update(validate(parts.model, cfg, job.store, list(job.val_ids), session))
             best, is_best = _update_best(best, metrics, cfg)
@@ -100,10 +102,20 @@ def train_loop_per_worker(config: dict, session: Session | None = None) -> None:
             checkpoint_dir = None
             if (epoch + 1) % tcfg.checkpoint_every_epochs == 0 or last or is_best:
                 checkpoint_dir = _write_checkpoints(job, session, parts, epoch + 1, best, is_best,
-                                                    final=epoch + 1 == tcfg.epochs)
+                                                    final=epoch + 1 == tcfg.epochs or out_of_time)
             if log:
                 log.append({**metrics, "time": time.time()})
             session.report(metrics, checkpoint_dir)
+            if out_of_time:
+                if session.rank == 0:
+                    print(f"train: train.time_limit_minutes={tcfg.time_limit_minutes} reached after epoch "
+                          f"{epoch + 1} of {tcfg.epochs}; model_final is this epoch's model", flush=True)
+                break
+
+
+def _any_rank(session: Session, flag: bool) -> bool:
+    """True on every rank when it is true on any (ranks must agree on when to stop, or DDP hangs)."""
+    return session.all_reduce_sum([1.0 if flag else 0.0])[0] > 0
 
 
 def _record_worker(run_dir: str, session: Session) -> None:

@@ -71,6 +71,17 @@ def test_resume_gives_exactly_the_weights_of_a_straight_run(tiny_store, tmp_path
     assert [m["epoch"] for m in _metrics(resumed)] == [1, 2]
 
 
+def test_a_time_limit_ends_the_run_at_an_epoch_boundary_with_a_final_model(tiny_store, tmp_path):
+    _, store, _ = tiny_store
+    cfg = _cfg("train.epochs=5", "train.iterations_per_epoch=1", "train.val_every_epochs=5",
+               "train.checkpoint_every_epochs=5", "train.time_limit_minutes=0.0001")
+    run = train_local(make_job(cfg, str(store), str(tmp_path / "run")))
+    rows = _metrics(run)
+    assert [m["epoch"] for m in rows] == [1]  # 6 ms: over after the first epoch, not 5 epochs
+    assert "val_organ_dsc" in rows[0]  # the last epoch of a run is validated
+    assert load_checkpoint(run / "model_final").epoch == 1
+
+
 def test_resume_without_a_run_is_an_error(tiny_store, tmp_path):
     _, store, _ = tiny_store
     with pytest.raises(FileNotFoundError, match="no run to resume"):
