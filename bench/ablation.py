@@ -11,8 +11,9 @@ bowel loops, bladder, vessels, gallbladder, stomach/duodenum), or anything else.
 Run (about 2 x the demo's training time on 2 cores):
     python bench/ablation.py --workdir /tmp/ablation --out bench/results/ablation.json
 
-Options: --cases N --healthy K --seed S (the cohort), --epochs E --iterations I (training length),
---workers W (Ray Train DDP workers, default 2; 0 trains in this process).
+Options: --cases N --healthy K --seed S (the cohort), --epochs E --iterations I (training length; the
+demo's time limit is off, so both runs train exactly E x I steps). Training is the demo's: 2-worker
+DDP on CPU, or one GPU.
 """
 
 from __future__ import annotations
@@ -88,7 +89,6 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--iterations", type=int, default=None)
-    parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
 
     import ray
@@ -96,17 +96,17 @@ def main() -> None:
     from panseg import demo
     from panseg.data_pipeline import run_preprocessing
     from panseg.phantom import cohort_jobs, make_case, write_cohort
-    from panseg.train_loop import load_or_create_split, make_job, train_distributed, train_local
+    from panseg.train_loop import load_or_create_split
 
     cases = args.cases if args.cases is not None else demo.DEFAULT_CASES
     healthy = args.healthy if args.healthy is not None else demo.DEFAULT_HEALTHY
     cfg = demo.demo_config(**{k: v for k, v in (("epochs", args.epochs), ("iterations_per_epoch", args.iterations))
-                              if v is not None})
+                              if v is not None}, minutes=None)  # both runs train the same number of steps
     work = Path(args.workdir)
     raw, truth = work / "raw", work / "truth"
     write_cohort(raw, cases=cases, healthy=healthy, seed=args.seed, small=True, truth_dir=truth)
     raw_without = _without_organs(raw, work / "raw_without_organs")
-    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     try:
         stores = {"with_organs": work / "store_with_organs.zarr", "without_organs": work / "store_without_organs.zarr"}
         run_preprocessing(raw, stores["with_organs"], cfg.preprocess, progress=False)
@@ -129,13 +129,8 @@ def main() -> None:
         for name, store in stores.items():
             run = work / f"run_{name}"
             shutil.rmtree(run, ignore_errors=True)
-            job = make_job(cfg, str(store), str(run), split_file=str(work / "split.json"))
             started = time.perf_counter()
-            if args.workers:
-                train_distributed(job, num_workers=args.workers, use_gpu=False,
-                                  cpus_per_worker=max(1, os.cpu_count() // args.workers))
-            else:
-                train_local(job)
+            demo.train_demo_model(cfg, store, run, split_file=work / "split.json")
             train_seconds = time.perf_counter() - started
             rows[name] = {"train_seconds": round(train_seconds, 1), **_score_run(name, run, held_out, gt, phantoms, work)}
             print(name, {k: v for k, v in rows[name].items() if k != "per_case"}, flush=True)
@@ -147,7 +142,7 @@ def main() -> None:
         "cohort": {"cases": cases, "healthy": healthy, "seed": args.seed, "small": True,
                    "val": split["val"], "train": split["train"]},
         "train": {"epochs": cfg.train.epochs, "iterations_per_epoch": cfg.train.iterations_per_epoch,
-                  "workers": args.workers, "preset": cfg.preset},
+                  "preset": cfg.preset, "recipe": "panseg.demo.demo_config"},
         "rows": rows,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

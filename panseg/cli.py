@@ -216,8 +216,11 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from panseg.demo import run_demo, run_two_stage_demo
 
-    demo = run_two_stage_demo if args.two_stage else run_demo
-    demo(args.workdir, cases=args.cases, healthy=args.healthy, seed=args.seed, num_cpus=args.num_cpus)
+    if args.two_stage:
+        run_two_stage_demo(args.workdir, cases=args.cases, healthy=args.healthy, seed=args.seed, num_cpus=args.num_cpus)
+    else:
+        run_demo(args.workdir, cases=args.cases, healthy=args.healthy, seed=args.seed, num_cpus=args.num_cpus,
+                 minutes=args.minutes)
     return 0
 
 
@@ -373,11 +376,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_cmd_report)
 
     p = sub.add_parser("demo", help="the pipeline on a synthetic cohort, end to end",
-                       epilog="examples:\n  panseg demo --workdir demo_work --cases 8\n"
+                       epilog="examples:\n  panseg demo --workdir demo_work\n"
+                       "  panseg demo --workdir demo_quick --cases 8 --healthy 2 --minutes 3\n"
                        "  panseg demo --workdir demo2 --two-stage")
     p.add_argument("--workdir", default="demo_work", help="where everything is written (default demo_work)")
-    p.add_argument("--cases", type=int, default=8)
-    p.add_argument("--healthy", type=int, default=2)
+    p.add_argument("--cases", type=int, default=16, help="phantom cases with lesions (default 16)")
+    p.add_argument("--healthy", type=int, default=4, help="healthy phantom cases (default 4)")
+    p.add_argument("--minutes", type=float, default=9.0,
+                   help="training time budget; the run ends at the first epoch boundary past it (default 9)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-cpus", type=int, default=None)
     p.add_argument("--two-stage", action="store_true",

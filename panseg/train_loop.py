@@ -189,10 +189,13 @@ def _restore(job: TrainJob, session: Session, parts) -> tuple[int, float | None]
 
 
 def _update_best(best: float | None, metrics: dict, cfg: PansegConfig) -> tuple[float | None, bool]:
+    """The best validation score so far, and whether this epoch's model is the new best. On a tie the
+    later model wins: it has trained longer (small validation sets tie often, e.g. when only the
+    healthy cases score)."""
     value = metrics.get(selection_metric(cfg))
     if value is None:
         return best, False
-    better = best is None or (value > best if cfg.tune.mode == "max" else value < best)
+    better = best is None or (value >= best if cfg.tune.mode == "max" else value <= best)
     return (value, True) if better else (best, False)
 
 
