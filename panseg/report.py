@@ -125,7 +125,7 @@ def read_training_log(path: str | Path) -> list[dict]:
         ValueError: a line is not a JSON object with an 'epoch' (the line is named).
     """
     by_epoch: dict[int, dict] = {}
-    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
         try:

@@ -222,7 +222,7 @@ def report_inputs(small_cohort, tmp_path_factory):
     out = root / "report.html"
     result = build_report(sources_from_paths([run, pred], images_dir=images, gt_dir=truth_dir), out)
     return {"root": root, "run": run, "pred": pred, "truth": truth_dir, "images": images, "out": out,
-            "result": result, "html": out.read_text()}
+            "result": result, "html": out.read_text(encoding="utf-8")}
 
 
 def _section(page: str, case_id: str) -> str:
@@ -265,11 +265,11 @@ def test_report_names_a_case_whose_mask_is_on_another_grid(report_inputs, tmp_pa
 def test_report_from_a_metrics_csv_and_a_run_alone(report_inputs, tmp_path):
     csv_path = write_csv(evaluate_folders(report_inputs["pred"], report_inputs["truth"]), tmp_path / "m.csv")
     result = build_report(ReportSources(pred_dir=report_inputs["pred"], metrics_csv=csv_path), tmp_path / "a.html")
-    page = (tmp_path / "a.html").read_text()
+    page = (tmp_path / "a.html").read_text(encoding="utf-8")
     assert result.cases == 8 and result.cases_drawn == 0 and result.problems == ()  # noted, not an error
     assert "no CT folder given" in page and '<td data-value="1.0">1.0000</td>' in page
     build_report(ReportSources(run_dir=report_inputs["run"]), tmp_path / "b.html")
-    assert (tmp_path / "b.html").read_text().count("<img") == 1
+    assert (tmp_path / "b.html").read_text(encoding="utf-8").count("<img") == 1
 
 
 def test_cli_report_writes_the_page_and_rejects_bad_input(report_inputs, tmp_path, capsys):
@@ -278,7 +278,7 @@ def test_cli_report_writes_the_page_and_rejects_bad_input(report_inputs, tmp_pat
     out = tmp_path / "cli.html"
     assert main(["report", str(report_inputs["pred"]), "--images", str(report_inputs["images"]), "--gt",
                  str(report_inputs["truth"]), "--max-cases", "2", "--out", str(out)]) == 0
-    assert out.read_text().count("<img") == 2 and "wrote" in capsys.readouterr().out
+    assert out.read_text(encoding="utf-8").count("<img") == 2 and "wrote" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exit_info:
         main(["report", str(report_inputs["images"]), "--out", str(out)])
     assert exit_info.value.code == 2 and "pass it as --images" in capsys.readouterr().err
@@ -329,7 +329,7 @@ def test_report_opens_in_headless_chromium_with_every_image_loaded(report_inputs
 
     # The table sorts by a click on its header (a probe added to a copy of the page clicks 'dsc').
     probe = tmp_path / "probe.html"
-    probe.write_text(page.read_text().replace("</body>", _SORT_PROBE))
+    probe.write_text(page.read_text(encoding="utf-8").replace("</body>", _SORT_PROBE))
     body = _body_attributes(_chromium(["--dump-dom", probe.as_uri()], tmp_path).stdout)
     dsc = [float(v) for v in body["data-sorted-dsc"].split()]
     assert len(dsc) == 8 and dsc == sorted(dsc) and dsc[-1] == 1.0 and body.get("data-errors") == "0"
