@@ -380,8 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "  panseg demo --workdir demo_quick --cases 8 --healthy 2 --minutes 3\n"
                        "  panseg demo --workdir demo2 --two-stage")
     p.add_argument("--workdir", default="demo_work", help="where everything is written (default demo_work)")
-    p.add_argument("--cases", type=int, default=16, help="phantom cases with lesions (default 16)")
-    p.add_argument("--healthy", type=int, default=4, help="healthy phantom cases (default 4)")
+    p.add_argument("--cases", type=int, default=40, help="phantom cases with lesions (default 40)")
+    p.add_argument("--healthy", type=int, default=8, help="healthy phantom cases (default 8)")
     p.add_argument("--minutes", type=float, default=9.0,
                    help="training time budget; the run ends at the first epoch boundary past it (default 9)")
     p.add_argument("--seed", type=int, default=0)

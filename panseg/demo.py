@@ -18,7 +18,7 @@ from pathlib import Path
 
 from panseg.config import PansegConfig, build_config
 
-DEFAULT_CASES, DEFAULT_HEALTHY, DEFAULT_MINUTES = 16, 4, 9.0
+DEFAULT_CASES, DEFAULT_HEALTHY, DEFAULT_MINUTES = 40, 8, 9.0
 
 
 def _stage(name: str, started: float) -> None:
