@@ -380,7 +380,9 @@ def run_sweep(cfg: PansegConfig | None, store: str | Path, sweep_dir: str | Path
             tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_unfinished=True,
                                        resume_errored=True)
         else:
-            scheduler = (ASHAScheduler(time_attr="epoch", max_t=base.train.epochs,
+            # max_t one past the last epoch: ASHA never stops a trial that is finishing anyway (a
+            # Tune stop kills the trial process, and with W workers that leaks their placement group).
+            scheduler = (ASHAScheduler(time_attr="epoch", max_t=base.train.epochs + 1,
                                        grace_period=tcfg.grace_period_epochs, reduction_factor=tcfg.reduction_factor)
                          if tcfg.scheduler == "asha" else FIFOScheduler())
             tuner = tune.Tuner(
