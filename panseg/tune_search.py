@@ -39,11 +39,19 @@ from panseg.training_parts import Session
 
 def check_search_space(cfg: PansegConfig) -> None:
     """Every searched key must be a float field (the config already checked that it exists and that
-    its range is non-empty).
+    its range is non-empty), and ASHA runs only with one worker per trial.
+
+    ASHA stops a trial by killing its process; a trial with W workers killed mid-run leaves its
+    `TorchTrainer`'s placement group behind (Ray Train V2 inside Tune, Ray 2.60, seen here), and the
+    next trials then wait for CPUs forever. Until that is solved, W > 1 sweeps use the FIFO scheduler.
 
     Raises:
-        ConfigError: a key that is not a float setting, or an empty search space.
+        ConfigError: a key that is not a float setting, an empty search space, or ASHA with W > 1.
     """
+    if cfg.tune.scheduler == "asha" and cfg.tune.workers_per_trial > 1:
+        raise ConfigError(f"tune.scheduler=asha with tune.workers_per_trial={cfg.tune.workers_per_trial}: ASHA's "
+                          "early stops leak a multi-worker trial's placement group in this Ray version, so later "
+                          "trials would never start; use --scheduler fifo, or one worker per trial")
     if not cfg.tune.search_space:
         raise ConfigError("tune.search_space is empty: name at least one key to search")
     for dim in cfg.tune.search_space:

@@ -45,6 +45,9 @@ def test_search_space_errors_name_the_key():
             'tune.search_space=[{"key": "train.batch_size", "low": 1, "high": 4, "log": false}]']))
     with pytest.raises(ConfigError, match="search_space is empty"):
         check_search_space(build_config("tiny", overrides=["tune.search_space=[]"]))
+    with pytest.raises(ConfigError, match="use --scheduler fifo"):
+        check_search_space(build_config("tiny", overrides=["tune.workers_per_trial=2"]))
+    check_search_space(build_config("tiny", overrides=["tune.workers_per_trial=2", "tune.scheduler=fifo"]))
     check_search_space(build_config("paper"))  # the default space is valid
 
 
