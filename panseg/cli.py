@@ -52,6 +52,16 @@ def _add_ray_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all)")
 
 
+def _add_prediction_args(parser: argparse.ArgumentParser, set_example: str) -> None:
+    """What every stage that runs a trained model over a folder takes: GPUs, progress, infer overrides, Ray."""
+    parser.add_argument("--gpu", action="store_true", help="require GPUs (default: use them when the cluster has any)")
+    parser.add_argument("--quiet", action="store_true", help="no progress line")
+    group = parser.add_argument_group("configuration (applied on the checkpoint's own config)")
+    group.add_argument("--config", metavar="FILE", default=None, help="YAML or JSON whose infer keys apply")
+    group.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="overrides", help=set_example)
+    _add_ray_args(parser)
+
+
 def _config_from_args(args: argparse.Namespace):
     from panseg.config import build_config
 
@@ -316,13 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help="folder of CTs named <case>_0000.nii.gz (or .nii/.mha/.nrrd)")
     p.add_argument("--output", required=True, help="folder for <case>.nii.gz masks and predictions.csv (resumable)")
     p.add_argument("--all-labels", action="store_true", help="write every class, not only the tumor")
-    p.add_argument("--gpu", action="store_true", help="require GPUs (default: use them when the cluster has any)")
-    p.add_argument("--quiet", action="store_true", help="no progress line")
-    group = p.add_argument_group("configuration (applied on the checkpoint's own config)")
-    group.add_argument("--config", metavar="FILE", default=None, help="YAML or JSON whose infer keys apply")
-    group.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="overrides",
-                       help="e.g. --set infer.mirror_tta=true --set infer.windows_per_batch=4")
-    _add_ray_args(p)
+    _add_prediction_args(p, "e.g. --set infer.mirror_tta=true --set infer.windows_per_batch=4")
     p.set_defaults(handler=_cmd_predict)
 
     p = sub.add_parser("pseudolabel", help="organ masks (ids 0-13) for a folder of CTs from an organ model (Ray Data)",
@@ -340,13 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(cases already there are skipped)")
     p.add_argument("--factor", type=float, default=3.0,
                    help="warn when an organ's volume is outside [median/F, median*F] of the cohort (default 3)")
-    p.add_argument("--gpu", action="store_true", help="require GPUs (default: use them when the cluster has any)")
-    p.add_argument("--quiet", action="store_true", help="no progress line")
-    group = p.add_argument_group("configuration (applied on the checkpoint's own config)")
-    group.add_argument("--config", metavar="FILE", default=None, help="YAML or JSON whose infer keys apply")
-    group.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="overrides",
-                       help="e.g. --set infer.step_fraction=0.5 --set infer.windows_per_batch=4")
-    _add_ray_args(p)
+    _add_prediction_args(p, "e.g. --set infer.step_fraction=0.5 --set infer.windows_per_batch=4")
     p.set_defaults(handler=_cmd_pseudolabel)
 
     p = sub.add_parser("evaluate", help="FLARE 2024 lesion DSC / NSD of predicted masks against ground truth",
