@@ -121,7 +121,8 @@ def _any_rank(session: Session, flag: bool) -> bool:
 def _record_worker(run_dir: str, session: Session) -> None:
     """RUN/workers/rank_N.json: which process, host and Ray node runs each rank (for operators and fault drills).
 
-    Nodes that share a host name (several per machine, or containers) differ by their Ray node id.
+    Nodes that share a host name (several per machine, or containers) differ by their Ray node id. The
+    worker group's placement group lets a Tune driver free it when it stops the trial (tune_search).
     """
     import socket
 
@@ -129,7 +130,7 @@ def _record_worker(run_dir: str, session: Session) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     info = {"rank": session.rank, "world_size": session.world_size, "pid": os.getpid(),
             "host": socket.gethostname(), "node_id": session.node_id, "device": str(session.device),
-            "started": time.time()}
+            "placement_group": session.placement_group_id, "started": time.time()}
     tmp = folder / f".rank_{session.rank}.json.tmp"
     tmp.write_text(json.dumps(info))
     os.replace(tmp, folder / f"rank_{session.rank}.json")

@@ -35,6 +35,7 @@ class Session:
     rank = 0
     world_size = 1
     node_id: str | None = None  # the Ray node id under Ray Train
+    placement_group_id: str | None = None  # the worker group's placement group (hex) under Ray Train
 
     def __init__(self) -> None:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -70,6 +71,8 @@ class RayTrainSession(Session):
         self.world_size = context.get_world_size()
         self.device = ray.train.torch.get_device()
         self.node_id = ray.get_runtime_context().get_node_id()
+        group = ray.util.get_current_placement_group()
+        self.placement_group_id = group.id.hex() if group is not None else None
         self._restored_dir: tempfile.TemporaryDirectory | None = None
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:

@@ -39,19 +39,11 @@ from panseg.training_parts import Session
 
 def check_search_space(cfg: PansegConfig) -> None:
     """Every searched key must be a float field (the config already checked that it exists and that
-    its range is non-empty), and ASHA runs only with one worker per trial.
-
-    ASHA stops a trial by killing its process; a trial with W workers killed mid-run leaves its
-    `TorchTrainer`'s placement group behind (Ray Train V2 inside Tune, Ray 2.60, seen here), and the
-    next trials then wait for CPUs forever. Until that is solved, W > 1 sweeps use the FIFO scheduler.
+    its range is non-empty).
 
     Raises:
-        ConfigError: a key that is not a float setting, an empty search space, or ASHA with W > 1.
+        ConfigError: a key that is not a float setting, or an empty search space.
     """
-    if cfg.tune.scheduler == "asha" and cfg.tune.workers_per_trial > 1:
-        raise ConfigError(f"tune.scheduler=asha with tune.workers_per_trial={cfg.tune.workers_per_trial}: ASHA's "
-                          "early stops leak a multi-worker trial's placement group in this Ray version, so later "
-                          "trials would never start; use --scheduler fifo, or one worker per trial")
     if not cfg.tune.search_space:
         raise ConfigError("tune.search_space is empty: name at least one key to search")
     for dim in cfg.tune.search_space:
@@ -305,6 +297,7 @@ def _sweep_callback(metric: str, sweep: Path):
         tmp = folder / f".{ENDED}.tmp"
         tmp.write_text(json.dumps({"state": state}))
         os.replace(tmp, folder / ENDED)
+        free_worker_group(folder)
 
     class SweepCallback(Callback):
         def on_trial_result(self, iteration, trials, trial, result, **info):
@@ -321,6 +314,30 @@ def _sweep_callback(metric: str, sweep: Path):
             print(f"tune: {trial.trial_id} failed (see {trial.path})", flush=True)
 
     return SweepCallback()
+
+
+def free_worker_group(trial_dir: Path) -> bool:
+    """Remove the placement group of an ended trial's Ray Train workers, if it is still there.
+
+    Tune stops a trial (ASHA, or the last epoch) by killing the trial's process; a `TorchTrainer` the
+    trial was driving then leaves its workers' placement group CREATED (Ray 2.60, seen here), holding
+    their CPUs/GPUs, and the next trials wait for them forever. Rank 0 records the group's id in
+    RUN/workers/rank_0.json; the driver frees it here once Tune has ended the trial. Returns whether
+    a group was removed.
+    """
+    import ray
+    from ray._raylet import PlacementGroupID
+    from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+
+    info = trial_dir / "workers" / "rank_0.json"
+    group_hex = json.loads(info.read_text()).get("placement_group") if info.is_file() else None
+    if not group_hex or not ray.is_initialized():
+        return False
+    group = PlacementGroup(PlacementGroupID(bytes.fromhex(group_hex)))
+    if placement_group_table(group).get("state") not in ("CREATED", "PENDING", "RESCHEDULING"):
+        return False
+    remove_placement_group(group)
+    return True
 
 
 def ended_state(trial_dir: Path) -> str | None:

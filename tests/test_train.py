@@ -118,8 +118,10 @@ def test_two_worker_ddp_on_cpu(tiny_store, tmp_path):
     rows = _metrics(run)
     assert [r["epoch"] for r in rows] == [1, 2]
     assert "val_tumor_dsc" in rows[-1] and rows[-1]["val_cases"] == 1
-    workers = sorted(json.loads(p.read_text())["rank"] for p in (run / "workers").glob("rank_*.json"))
-    assert workers == [0, 1]
+    workers = sorted((json.loads(p.read_text()) for p in (run / "workers").glob("rank_*.json")), key=lambda w: w["rank"])
+    assert [w["rank"] for w in workers] == [0, 1]
+    group = workers[0]["placement_group"]  # both ranks run in the worker group's one placement group
+    assert group == workers[1]["placement_group"] and len(bytes.fromhex(group)) == 18
     assert load_checkpoint(run / "model_final").epoch == 2
 
 

@@ -15,6 +15,7 @@ from panseg.config import ConfigError, build_config, load_config
 from panseg.cluster import ClusterResourcesError
 from panseg.tune_search import (
     check_search_space,
+    free_worker_group,
     max_concurrent_trials,
     read_trial,
     run_sweep,
@@ -45,9 +46,6 @@ def test_search_space_errors_name_the_key():
             'tune.search_space=[{"key": "train.batch_size", "low": 1, "high": 4, "log": false}]']))
     with pytest.raises(ConfigError, match="search_space is empty"):
         check_search_space(build_config("tiny", overrides=["tune.search_space=[]"]))
-    with pytest.raises(ConfigError, match="use --scheduler fifo"):
-        check_search_space(build_config("tiny", overrides=["tune.workers_per_trial=2"]))
-    check_search_space(build_config("tiny", overrides=["tune.workers_per_trial=2", "tune.scheduler=fifo"]))
     check_search_space(build_config("paper"))  # the default space is valid
 
 
@@ -84,6 +82,27 @@ def test_trial_rows_tell_completed_stopped_and_failed_apart(tmp_path):
                         "val_tumor_dsc")
     assert [r["state"] for r in table] == ["completed", "stopped early", "ERROR"]
     assert [r["train.tumor_weight"] for r in table] == [2.0, 5.0, 9.0]
+
+
+@pytest.mark.ray
+def test_the_driver_frees_the_placement_group_of_an_ended_trials_workers(ray_local, tmp_path):
+    """What a killed multi-worker trial leaves behind (its workers' placement group, id in rank_0.json)
+    is removed, and its CPUs come back."""
+    from ray.util.placement_group import placement_group, placement_group_table
+
+    group = placement_group([{"CPU": 0.5}, {"CPU": 0.5}])
+    ray_local.get(group.ready())
+    before = ray_local.available_resources().get("CPU", 0.0)
+    (tmp_path / "workers").mkdir()
+    (tmp_path / "workers" / "rank_0.json").write_text(json.dumps({"rank": 0, "placement_group": group.id.hex()}))
+    assert free_worker_group(tmp_path)
+    deadline = time.monotonic() + 10
+    while ray_local.available_resources().get("CPU", 0.0) < before + 1.0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert placement_group_table(group)["state"] == "REMOVED"
+    assert ray_local.available_resources().get("CPU", 0.0) == pytest.approx(before + 1.0)
+    assert not free_worker_group(tmp_path)  # already gone
+    assert not free_worker_group(tmp_path / "no_such_trial")
 
 
 @pytest.mark.ray
