@@ -173,7 +173,8 @@ class LocalCluster:
         cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit", f"--address={self.dashboard}",
                "--runtime-env=runtime_env.yaml", "--working-dir=.", *([] if wait else ["--no-wait"]),
                "--", *entrypoint]
-        return subprocess.run(cmd, cwd=cwd, env=self.env, capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(cmd, cwd=cwd, env=self.env, capture_output=True, encoding="utf-8", errors="replace",
+                              timeout=timeout)
 
     # -- teardown -----------------------------------------------------------------------------
 

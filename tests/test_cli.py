@@ -12,7 +12,8 @@ from panseg.config import load_config
 
 def test_help_is_fast_and_lists_every_stage():
     start = time.perf_counter()
-    out = subprocess.run([sys.executable, "-m", "panseg.cli", "--help"], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-m", "panseg.cli", "--help"], capture_output=True, encoding="utf-8",
+                         errors="replace", check=True)
     elapsed = time.perf_counter() - start
     assert elapsed < 2.0, f"panseg --help took {elapsed:.2f} s"
     for stage in ("phantom", "preprocess", "config", "train", "tune", "predict", "pseudolabel", "evaluate", "report",
@@ -24,7 +25,8 @@ def test_help_is_fast_and_lists_every_stage():
 def test_help_imports_nothing_heavy():
     code = ("import sys; from panseg.cli import build_parser; build_parser(); "
             "heavy = [m for m in ('ray', 'torch', 'SimpleITK', 'zarr', 'numpy', 'matplotlib') if m in sys.modules]; print(heavy)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, encoding="utf-8", errors="replace",
+                         check=True)
     assert out.stdout.strip() == "[]"
 
 

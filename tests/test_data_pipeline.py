@@ -193,7 +193,7 @@ def test_killed_job_resumes_and_every_case_reads_back_whole(small_cohort, tmp_pa
     assert 2 <= len(done_before) < 8, "the job finished before it could be killed: use a bigger cohort"
     assert not (store / "manifest.parquet").exists() or len(read_manifest(store)) < 8
 
-    rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    rerun = subprocess.run(cmd, env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=300)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert f"already complete before this run: {len(done_before)};" in rerun.stdout
     rows = read_manifest(store)

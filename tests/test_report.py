@@ -308,7 +308,8 @@ def _chromium(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
              f"--user-data-dir={tmp_path / 'chromium-profile'}"]
-    return subprocess.run([CHROMIUM, *flags, *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run([CHROMIUM, *flags, *args], capture_output=True, encoding="utf-8", errors="replace",
+                          timeout=120)
 
 
 def _body_attributes(dom: str) -> dict[str, str]:

@@ -155,7 +155,7 @@ def test_interrupted_sweep_resumes_without_rerunning_and_its_best_config_trains(
     second_epochs = len((second / "metrics.jsonl").read_text().splitlines())
 
     cmd, env = _panseg("tune", "--store", str(store), "--out", str(sweep), "--resume", "--num-cpus", "2")
-    resumed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    resumed = subprocess.run(cmd, env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=400)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert (first / "metrics.jsonl").read_bytes() == first_metrics  # the finished trial was not rerun
     second_rows = [json.loads(x) for x in (second / "metrics.jsonl").read_text().splitlines()]
@@ -174,7 +174,7 @@ def test_interrupted_sweep_resumes_without_rerunning_and_its_best_config_trains(
     assert best_cfg.train.tumor_weight == pytest.approx(float(best["train.tumor_weight"]))
     cmd, env = _panseg("train", "--store", str(store), "--out", str(tmp_path / "run"), "--config",
                        str(sweep / "best_config.yaml"))
-    train = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    train = subprocess.run(cmd, env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=300)
     assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
     assert load_config(tmp_path / "run" / "config.yaml") == best_cfg
     epochs = [json.loads(x)["epoch"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
