@@ -1,5 +1,7 @@
 """io: every format keeps spacing, origin and direction; cohort discovery records per-case problems."""
 
+import locale
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -49,6 +51,7 @@ def test_dicom_series_folder_reads_as_one_volume(tmp_path):
     series.mkdir()
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
+    saved_locale = locale.setlocale(locale.LC_ALL)  # GDCM's DICOM writer sets the process locale to "C"
     for z in range(image.GetDepth()):
         sl = image[:, :, z]
         position = image.TransformIndexToPhysicalPoint((0, 0, z))
@@ -60,7 +63,9 @@ def test_dicom_series_folder_reads_as_one_volume(tmp_path):
             sl.SetMetaData(tag, value)
         writer.SetFileName(str(series / f"{z:03d}.dcm"))
         writer.Execute(sl)
+    locale.setlocale(locale.LC_ALL, saved_locale)  # or every later test's text I/O is ASCII
     back = read_volume(series)
+    assert locale.setlocale(locale.LC_ALL) == saved_locale  # reading DICOM leaves the locale alone
     np.testing.assert_array_equal(back.array, volume.array)
     np.testing.assert_allclose(back.spacing_zyx_mm, (2.5, 0.7, 0.8), rtol=1e-4)
     np.testing.assert_allclose(back.origin_xyz_mm, volume.origin_xyz_mm, atol=1e-3)
