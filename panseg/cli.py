@@ -147,7 +147,7 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         cfg = merge(_config_from_args(args), {"tune": given})
     result = run_sweep(cfg, args.store, args.out, resume=args.resume, address=args.address, num_cpus=args.num_cpus)
     metric = (cfg.tune if cfg else result.config.tune).metric
-    print(format_table(result.table, metric))
+    print(format_table(result.table))
     print(f"tune: trials in {result.sweep_dir / 'trials.csv'}")
     if result.best_config:
         print(f"tune: best trial {result.best['trial_id']} ({metric} {result.best['best_' + metric]:.4f}); "

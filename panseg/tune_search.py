@@ -166,7 +166,7 @@ def best_row(table: list[dict], metric: str, mode: str) -> dict | None:
     return (max if mode == "max" else min)(scored, key=lambda r: r[f"best_{metric}"])
 
 
-def format_table(table: list[dict], metric: str) -> str:
+def format_table(table: list[dict]) -> str:
     if not table:
         return "tune: no trials"
     keys = list(table[0])
@@ -446,5 +446,5 @@ def summarize_sweep(sweep_dir: Path, base: PansegConfig, states: dict[str, str])
 
 
 __all__ = ["SweepResult", "TrialResources", "TuneSession", "best_row", "check_search_space", "format_table",
-           "max_concurrent_trials", "read_trial", "trial_bundles", "run_sweep", "summarize_sweep", "trial_config", "trial_resources",
-           "trial_table"]
+           "free_worker_group", "max_concurrent_trials", "read_trial", "run_sweep", "summarize_sweep", "trial_bundles",
+           "trial_config", "trial_resources", "trial_table"]
