@@ -330,7 +330,7 @@ def test_report_opens_in_headless_chromium_with_every_image_loaded(report_inputs
 
     # The table sorts by a click on its header (a probe added to a copy of the page clicks 'dsc').
     probe = tmp_path / "probe.html"
-    probe.write_text(page.read_text(encoding="utf-8").replace("</body>", _SORT_PROBE))
+    probe.write_text(page.read_text(encoding="utf-8").replace("</body>", _SORT_PROBE), encoding="utf-8")
     body = _body_attributes(_chromium(["--dump-dom", probe.as_uri()], tmp_path).stdout)
     dsc = [float(v) for v in body["data-sorted-dsc"].split()]
     assert len(dsc) == 8 and dsc == sorted(dsc) and dsc[-1] == 1.0 and body.get("data-errors") == "0"
