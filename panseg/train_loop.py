@@ -243,8 +243,7 @@ class _MetricsLog:
     def append(self, metrics: dict) -> None:
         with open(self.run / "metrics.jsonl", "a") as f:
             f.write(json.dumps(metrics) + "\n")
-        rows = [json.loads(line) for line in (self.run / "metrics.jsonl").read_text().splitlines() if line]
-        rows = _last_per_epoch(rows)
+        rows = read_metrics(self.run)
         keys = sorted({k for r in rows for k in r}, key=lambda k: (k != "epoch", k))
         tmp = self.run / ".metrics.csv.tmp"
         with open(tmp, "w", newline="") as f:
@@ -259,9 +258,17 @@ class _MetricsLog:
             self.writer.flush()
 
 
-def _last_per_epoch(rows: list[dict]) -> list[dict]:
-    """After a resume an epoch may be logged twice; the later entry wins."""
-    by_epoch = {r["epoch"]: r for r in rows}
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """RUN/metrics.jsonl, one row per epoch in epoch order ([] before the first epoch). After a resume
+    an epoch may be logged twice; the later entry wins."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    by_epoch = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            by_epoch[row["epoch"]] = row
     return [by_epoch[e] for e in sorted(by_epoch)]
 
 
@@ -381,8 +388,7 @@ def train_distributed(job: TrainJob, num_workers: int, use_gpu: bool, cpus_per_w
 def summarize_run(run_dir: str | Path) -> str:
     """A few lines on a finished run: epochs, last and best validation, where the models are."""
     run = Path(run_dir)
-    rows = _last_per_epoch([json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x]) \
-        if (run / "metrics.jsonl").is_file() else []
+    rows = read_metrics(run)
     if not rows:
         return f"train: no epoch finished in {run}"
     last = rows[-1]
@@ -406,5 +412,5 @@ def _check_cluster_fits(num_workers: int, use_gpu: bool, cpus_per_worker: float)
                       "Use fewer --workers or a smaller --cpus-per-worker, drop --gpu, or add nodes.")
 
 
-__all__ = ["TrainJob", "load_or_create_split", "make_job", "resolve_config", "summarize_run", "train_distributed",
-           "train_local", "train_loop_per_worker"]
+__all__ = ["TrainJob", "load_or_create_split", "make_job", "read_metrics", "resolve_config", "summarize_run",
+           "train_distributed", "train_local", "train_loop_per_worker"]

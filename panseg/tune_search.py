@@ -119,15 +119,9 @@ def max_concurrent_trials(need: dict[str, float], cluster: dict[str, float], num
 def read_trial(trial_dir: Path, metric: str, mode: str) -> dict:
     """A trial's row from its own run directory: searched values, best metric, its NSD, epochs run."""
     from panseg.config import load_config
+    from panseg.train_loop import read_metrics
 
-    rows = []
-    if (trial_dir / "metrics.jsonl").is_file():
-        by_epoch = {}
-        for line in (trial_dir / "metrics.jsonl").read_text().splitlines():
-            if line.strip():
-                row = json.loads(line)
-                by_epoch[row["epoch"]] = row
-        rows = [by_epoch[e] for e in sorted(by_epoch)]
+    rows = read_metrics(trial_dir)
     scored = [r for r in rows if r.get(metric) is not None]
     best = (max if mode == "max" else min)(scored, key=lambda r: r[metric]) if scored else None
     cfg = load_config(trial_dir / "config.yaml") if (trial_dir / "config.yaml").is_file() else None
