@@ -1,12 +1,16 @@
 """`panseg preprocess`: the paper's preprocessing over a whole cohort with Ray Data, into a Zarr store.
 
 A thin Ray shell around `preprocess.preprocess_case` and `store.write_case`:
-- cases stream through one Ray Data `map`; only file paths travel through Ray, each task reads its
-  own CT, preprocesses it and writes it to the store, and returns a small manifest row;
-- each task asks Ray for the memory a case of this cohort needs (estimated from image headers), so
-  Ray never starts more volumes at once than memory holds, and for CPUs in proportion: 1, or as many
+- cases stream through one Ray Data `map` onto a pool of `CaseWriter` actors; only file paths travel
+  through Ray, each actor reads its case's CT, preprocesses it, writes it to the store, and returns a
+  small manifest row;
+- each actor asks Ray for the memory a case of this cohort needs (estimated from image headers), so
+  Ray never holds more volumes at once than memory allows, and for CPUs in proportion: 1, or as many
   as that memory would leave idle on the cluster's nodes, used as threads (`task_cpus`); a
   10k-case cohort is never materialised;
+- each actor has its next case queued while it works on one, so it starts that case the moment the
+  last one is written: with every core busy, tasks launched one by one by the driver waited for it
+  ~0.2 s between cases (bench/preprocess.py);
 - a task no node can ever hold fails the job at once with what is missing (`panseg.cluster`);
 - a case becomes visible in the store only when complete, so a rerun skips completed cases and
   redoes only what is missing; one bad case becomes a `failed` manifest row and the rest go on.
@@ -122,11 +126,27 @@ def _node_name() -> str:
     return socket.gethostname()
 
 
-def _map_row(row: dict, store_path: str, cfg_json: str, threads: int) -> dict:
-    """The Ray Data map function: a row of file paths in, a manifest row (as JSON) out."""
-    cfg = from_dict(PreprocessConfig, json.loads(cfg_json))
-    case = CaseFiles(**row)
-    return {"row_json": json.dumps(process_one(case, store_path, cfg, threads))}
+class CaseWriter:
+    """The Ray Data actor: a row of file paths in, the case written to the store, a manifest row (as JSON) out."""
+
+    def __init__(self, store_path: str, cfg_json: str, threads: int) -> None:
+        self.store_path, self.threads = store_path, threads
+        self.cfg = from_dict(PreprocessConfig, json.loads(cfg_json))
+
+    def __call__(self, row: dict) -> dict:
+        return {"row_json": json.dumps(process_one(CaseFiles(**row), self.store_path, self.cfg, self.threads))}
+
+
+def actor_pool_sizes(cases: int, task: dict[str, float], now: dict[str, float], most: dict[str, float]
+                     ) -> tuple[int, int]:
+    """(initial, largest) number of preprocessing actors: as many as the cluster's resources hold now,
+    and as it can grow to, of `task` each (resource name -> amount), never more than there are cases."""
+
+    def fit(resources: dict[str, float]) -> int:
+        return int(min(resources.get(name, 0.0) // need for name, need in task.items() if need > 0))
+
+    largest = max(1, min(cases, fit(most)))
+    return max(1, min(largest, fit(now))), largest
 
 
 def run_preprocessing(
@@ -187,11 +207,15 @@ def _run_ray(todo: list[CaseFiles], store_path: str, cfg: PreprocessConfig, addr
         require_resources([{"CPU": cpus, "memory": memory}], "preprocessing task",
                           "The largest case of this cohort needs that much on one node: add a node with more "
                           "memory, or preprocess the largest cases separately.", capacity)
-        fn_kwargs = {"store_path": os.path.abspath(store_path) if "://" not in store_path else store_path,
-                     "cfg_json": json.dumps(to_dict(cfg)), "threads": cpus}
-        # One case per block, so cases are scheduled one by one across every node.
+        kwargs = {"store_path": os.path.abspath(store_path) if "://" not in store_path else store_path,
+                  "cfg_json": json.dumps(to_dict(cfg)), "threads": cpus}
+        initial, largest = actor_pool_sizes(len(todo), {"CPU": cpus, "memory": memory},
+                                            ray.available_resources(), capacity.totals)
+        pool = ray.data.ActorPoolStrategy(min_size=1, max_size=largest, initial_size=initial,
+                                          max_tasks_in_flight_per_actor=2)
+        # One case per block, so cases are handed out one by one across every node.
         ds = ray.data.from_items([asdict(c) for c in todo], override_num_blocks=len(todo))
-        ds = ds.map(_map_row, fn_kwargs=fn_kwargs, num_cpus=cpus, memory=memory,
+        ds = ds.map(CaseWriter, fn_constructor_kwargs=kwargs, compute=pool, num_cpus=cpus, memory=memory,
                     runtime_env={"env_vars": WORKER_ENV})
         return collect_rows(ds, Progress("preprocess", len(todo), enabled=progress))
 
@@ -219,4 +243,4 @@ def format_summary(result: PreprocessResult) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["PreprocessResult", "format_summary", "process_one", "run_preprocessing", "task_cpus", "task_memory_bytes"]
+__all__ = ["CaseWriter", "PreprocessResult", "actor_pool_sizes", "format_summary", "process_one", "run_preprocessing", "task_cpus", "task_memory_bytes"]

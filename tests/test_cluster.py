@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from panseg.cluster import Capacity, node_types_of_launcher_config, unmet_requirements
-from panseg.data_pipeline import task_cpus
+from panseg.data_pipeline import actor_pool_sizes, task_cpus
 
 ROOT = Path(__file__).resolve().parents[1]
 GiB = 2**30
@@ -91,6 +91,17 @@ def test_preprocessing_cpus_grow_with_the_memory_a_case_needs():
     assert task_cpus(10 * GiB, per_cpu) == 3  # a case that takes the memory of 2.5 CPUs gets 3 as threads
     assert task_cpus(100 * GiB, per_cpu) == 8  # capped
     assert task_cpus(10 * GiB, 0.0) == 1  # a cluster that reports no memory
+
+
+def test_preprocessing_actors_are_as_many_as_the_cluster_holds_now_and_can_grow_to():
+    task = {"CPU": 1.0, "memory": 3 * GiB}
+    two_cpus = {"CPU": 2.0, "memory": 20 * GiB}
+    assert actor_pool_sizes(100, task, two_cpus, two_cpus) == (2, 2)
+    assert actor_pool_sizes(1, task, two_cpus, two_cpus) == (1, 1)  # never more actors than cases
+    # memory, not CPUs, limits a pool of big cases; an autoscaler's nodes raise the ceiling only
+    assert actor_pool_sizes(100, task, {"CPU": 16.0, "memory": 10 * GiB}, {"CPU": 64.0, "memory": 200 * GiB}) == (3, 64)
+    # a busy cluster: at least one actor now, the others when resources free up
+    assert actor_pool_sizes(100, {"CPU": 2.0, "memory": GiB}, {"CPU": 1.0, "memory": 50 * GiB}, two_cpus) == (1, 1)
 
 
 
