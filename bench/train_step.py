@@ -2,6 +2,7 @@
 
     python bench/train_step.py --out bench/results/train_step.json
     python bench/train_step.py --patch 48 64 64 --steps 5 --sampler-cases 2 --sampler-patches 40
+    python bench/train_step.py --only sampler --out bench/results/sampler.json
 
 Two measurements, each against its reference in the same run:
 1. Iterations per second of the full paper model (features 32-320, 15 classes, deep supervision,
@@ -10,7 +11,10 @@ Two measurements, each against its reference in the same run:
    alternate step by step so machine noise hits both alike. Target: panseg / nnU-Net time <= 1.05.
 2. The sampler's patches per second per CPU core at the paper's 96x128x160 patch from a store of
    realistic phantom cases preprocessed with the paper preset (one thread, image + label, scaled).
-   Target: >= 30 patches/s/core, so a GPU step (~0.3 s for batch 2) never waits on data.
+   Target: >= 30 patches/s/core, so a GPU step (~0.3 s for batch 2) never waits on data. The
+   sampler reads the store's shards directly (`panseg.shard_reader`); the same sampler reading
+   through zarr-python alone is the reference, batch by batch alternating, and the two must give
+   identical batches.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 
@@ -89,21 +94,40 @@ def build_store(workdir: Path, cases: int) -> Path:
 
 
 def bench_sampler(store: Path, patches: int) -> dict:
+    from numcodecs import blosc
+
     from panseg.config import preset
     from panseg.sampling import PatchSampler
-    from panseg.store import read_manifest
+    from panseg.store import open_case, read_manifest
 
+    class ZarrOnlySampler(PatchSampler):  # the reference: every patch read through zarr-python
+        def _open_case(self, case_id):
+            return open_case(self.store_path, case_id, direct_reads=False)
+
+    blosc.set_nthreads(1)  # one thread, as in a loader thread (numcodecs uses Blosc threads only on the main one)
     cfg = preset("paper")
     ids = [r["case_id"] for r in read_manifest(store) if r["status"] == "ok"]
-    sampler = PatchSampler(str(store), ids, cfg.train.patch_size_zyx, cfg.train.tumor_sampling_ratio, 0.0,
-                           cfg.preprocess.clip_hu)
-    sampler.batch(0, 0, 2)  # open the cases once, as a long training run has
-    start, cpu_start = time.perf_counter(), time.process_time()
-    for i in range(patches // 2):
-        sampler.batch(1, i, 2)
-    wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
-    return {"patch_zyx": list(cfg.train.patch_size_zyx), "patches": patches // 2 * 2, "cases": len(ids),
-            "patches_per_second_wall": patches / wall, "patches_per_cpu_second": patches / cpu}
+    args = (str(store), ids, cfg.train.patch_size_zyx, cfg.train.tumor_sampling_ratio, 0.0, cfg.preprocess.clip_hu)
+    samplers = {"direct": PatchSampler(*args), "zarr": ZarrOnlySampler(*args)}
+    wall = dict.fromkeys(samplers, 0.0)
+    cpu = dict.fromkeys(samplers, 0.0)
+    for sampler in samplers.values():
+        sampler.batch(0, 0, 2)  # open the cases once, as a long training run has
+    for i in range(patches // 2):  # the two alternate batch by batch, so machine noise hits both alike
+        batches = {}
+        for name, sampler in samplers.items():
+            start, cpu_start = time.perf_counter(), time.process_time()
+            batches[name] = sampler.batch(1, i, 2)
+            wall[name] += time.perf_counter() - start
+            cpu[name] += time.process_time() - cpu_start
+        for ours, reference in zip(batches["direct"], batches["zarr"]):
+            if not np.array_equal(ours, reference):
+                raise AssertionError(f"batch {i}: the direct shard reads differ from zarr's")
+    n = patches // 2 * 2
+    return {"patch_zyx": list(cfg.train.patch_size_zyx), "patches": n, "cases": len(ids), "identical_batches": True,
+            "patches_per_second_wall": {k: n / v for k, v in wall.items()},
+            "patches_per_cpu_second": {k: n / v for k, v in cpu.items()},
+            "speedup_cpu": cpu["zarr"] / cpu["direct"]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,17 +138,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--sampler-cases", type=int, default=3)
     parser.add_argument("--sampler-patches", type=int, default=60)
+    parser.add_argument("--only", choices=("train_step", "sampler"), default=None, help="run one measurement")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # one core, so the figures are per core
     result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.processor() or platform.machine()}, "
-              f"{os.cpu_count()} cores", "torch": torch.__version__}
-    result["train_step"] = bench_steps(tuple(args.patch), args.steps, args.batch)
-    print(json.dumps(result["train_step"], indent=2), flush=True)
-    with tempfile.TemporaryDirectory(prefix="panseg-bench-") as tmp:
-        store = build_store(Path(tmp), args.sampler_cases)
-        result["sampler"] = bench_sampler(store, args.sampler_patches)
-    print(json.dumps(result["sampler"], indent=2))
+              f"{os.cpu_count()} cores", "torch": torch.__version__, "load_average_1min": os.getloadavg()[0]}
+    if args.only in (None, "train_step"):
+        result["train_step"] = bench_steps(tuple(args.patch), args.steps, args.batch)
+        print(json.dumps(result["train_step"], indent=2), flush=True)
+    if args.only in (None, "sampler"):
+        with tempfile.TemporaryDirectory(prefix="panseg-bench-") as tmp:
+            store = build_store(Path(tmp), args.sampler_cases)
+            result["load_average_1min_sampler"] = os.getloadavg()[0]
+            result["sampler"] = bench_sampler(store, args.sampler_patches)
+        print(json.dumps(result["sampler"], indent=2))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2))

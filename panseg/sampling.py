@@ -136,14 +136,24 @@ class PatchSampler:
 
     def read(self, request: PatchRequest) -> tuple[np.ndarray, np.ndarray]:
         """One patch: image float32 in [0, 1] and label uint8, both (D, H, W)."""
-        low, high = self.clip_hu
-        image_hu, label = self._case(request.case_id).read_patch(request.start_zyx, self.patch_size_zyx)
-        image = (image_hu.astype(np.float32) - np.float32(low)) / np.float32(high - low)
+        image = np.empty(self.patch_size_zyx, dtype=np.float32)
+        label = np.empty(self.patch_size_zyx, dtype=np.uint8)
+        self._read_into(request, image, label)
         return image, label
+
+    def _read_into(self, request: PatchRequest, image: np.ndarray, label: np.ndarray) -> None:
+        """Write one patch into `image` (float32, scaled) and `label` (uint8), both (D, H, W)."""
+        low, high = self.clip_hu
+        image_hu, label_patch = self._case(request.case_id).read_patch(request.start_zyx, self.patch_size_zyx)
+        label[...] = label_patch
+        # (hu - low) / (high - low) in float32, written in place: no temporaries of the patch's size
+        np.subtract(image_hu, np.float32(low), out=image, dtype=np.float32)
+        np.divide(image, np.float32(high - low), out=image)
 
     def batch(self, epoch: int, iteration: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
         """A batch: image (B, 1, D, H, W) float32 and label (B, 1, D, H, W) uint8."""
-        patches = [self.read(r) for r in self.requests(epoch, iteration, batch_size)]
-        images = np.stack([p[0] for p in patches])[:, None]  # (B, 1, D, H, W)
-        labels = np.stack([p[1] for p in patches])[:, None]  # (B, 1, D, H, W)
+        images = np.empty((batch_size, 1, *self.patch_size_zyx), dtype=np.float32)  # (B, 1, D, H, W)
+        labels = np.empty((batch_size, 1, *self.patch_size_zyx), dtype=np.uint8)  # (B, 1, D, H, W)
+        for slot, request in enumerate(self.requests(epoch, iteration, batch_size)):
+            self._read_into(request, images[slot, 0], labels[slot, 0])
         return images, labels

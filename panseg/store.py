@@ -28,7 +28,8 @@ import json
 import os
 import shutil
 import uuid
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,7 @@ from zarr.codecs import BloscCodec
 from panseg import __version__
 from panseg.config import PreprocessConfig, from_dict, label_names, to_dict
 from panseg.io import validate_case_id
+from panseg.shard_reader import box_reader
 
 STORE_FORMAT = "panseg-store"
 STORE_FORMAT_VERSION = 1
@@ -284,12 +286,25 @@ def _folder_bytes(path: Path) -> int:
 
 @dataclass(frozen=True)
 class StoredCase:
-    """The arrays of one stored case, opened once (keep it to read many patches cheaply)."""
+    """The arrays of one stored case, opened once (keep it to read many patches cheaply).
+
+    Patches are read through `shard_reader.box_reader`: the store's own layout (one local shard of
+    Blosc chunks per array) is read directly, anything else through zarr; the values are the same.
+    `direct_reads=False` reads through zarr only (for comparisons).
+    """
 
     case_id: str
     image: zarr.Array
     label: zarr.Array | None
     attrs: dict[str, Any]
+    direct_reads: bool = True
+    _read_image: Callable[[tuple[slice, ...], np.ndarray], None] = field(init=False, repr=False, compare=False)
+    _read_label: Callable[[tuple[slice, ...], np.ndarray], None] | None = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        read_label = None if self.label is None else box_reader(self.label, self.direct_reads)
+        object.__setattr__(self, "_read_image", box_reader(self.image, self.direct_reads))
+        object.__setattr__(self, "_read_label", read_label)
 
     def read_patch(self, start_zyx: tuple[int, ...], size_zyx: tuple[int, ...], pad_image_hu: float | None = None,
                    pad_label: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
@@ -300,9 +315,9 @@ class StoredCase:
         image = np.full(tuple(size_zyx), pad_image_hu, dtype=np.int16)
         label = None if self.label is None else np.full(tuple(size_zyx), pad_label, dtype=np.uint8)
         if source is not None:  # only the overlapping chunks are read
-            image[target] = self.image[source]
+            self._read_image(source, image[target])
             if label is not None:
-                label[target] = self.label[source]
+                self._read_label(source, label[target])
         return image, label
 
 
@@ -320,8 +335,8 @@ def _overlap(shape: tuple[int, ...], start: tuple[int, ...],
     return source, target
 
 
-def open_case(store: StoreLike, case_id: str) -> StoredCase:
-    """Open one complete case.
+def open_case(store: StoreLike, case_id: str, direct_reads: bool = True) -> StoredCase:
+    """Open one complete case (`direct_reads`: see `StoredCase`).
 
     Raises:
         StoreError: no such case.
@@ -334,7 +349,7 @@ def open_case(store: StoreLike, case_id: str) -> StoredCase:
         raise StoreError(f"case {case_id} is not in the store {group.store} (not preprocessed, failed, "
                          "or still being written)") from None
     label = case["label"] if "label" in case else None
-    return StoredCase(case_id, case["image"], label, dict(case.attrs))
+    return StoredCase(case_id, case["image"], label, dict(case.attrs), direct_reads)
 
 
 def read_case(store: StoreLike, case_id: str) -> tuple[np.ndarray, np.ndarray | None, dict[str, Any]]:
