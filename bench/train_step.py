@@ -3,8 +3,9 @@
     python bench/train_step.py --out bench/results/train_step.json
     python bench/train_step.py --patch 48 64 64 --steps 5 --sampler-cases 2 --sampler-patches 40
     python bench/train_step.py --only sampler --out bench/results/sampler.json
+    taskset -c 1 python bench/train_step.py --only layout --out bench/results/train_layout.json
 
-Two measurements, each against its reference in the same run:
+Three measurements, each against its reference in the same run:
 1. Iterations per second of the full paper model (features 32-320, 15 classes, deep supervision,
    the paper's loss) at a reduced patch, for panseg's UNet3D and for nnU-Net's PlainConvUNet
    (dynamic-network-architectures) built with the same plan, same batch, same optimiser; the two
@@ -15,6 +16,10 @@ Two measurements, each against its reference in the same run:
    sampler reads the store's shards directly (`panseg.shard_reader`); the same sampler reading
    through zarr-python alone is the reference, batch by batch alternating, and the two must give
    identical batches.
+3. The training step of the demo's network (tiny preset: features 8-64, 15 classes, deep
+   supervision, patch 32x64x64, batch 2, AdamW) on one thread, channels-last 3D
+   (`train.memory_format`'s CPU default) against contiguous, same weights and batch, alternating
+   step by step; the loss of both layouts is checked equal.
 """
 
 from __future__ import annotations
@@ -75,6 +80,47 @@ def bench_steps(patch: tuple[int, int, int], steps: int, batch: int) -> dict:
     return {"patch_zyx": list(patch), "batch": batch, "steps": steps, "threads": torch.get_num_threads(),
             "seconds_per_step": median, "iterations_per_second": {k: 1 / v for k, v in median.items()},
             "ratio_panseg_over_nnunet": median["panseg"] / median["nnunet"]}
+
+
+def bench_layout(steps: int) -> dict:
+    from panseg.config import build_config
+    from panseg.training_parts import build_training_parts
+
+    cpu = torch.device("cpu")
+    parts = {}
+    for layout in ("channels_last", "contiguous"):
+        torch.manual_seed(0)
+        parts[layout] = build_training_parts(build_config("tiny", overrides=[f"train.memory_format={layout}"]), cpu)
+    patch = tuple(build_config("tiny").train.patch_size_zyx)
+    generator = torch.Generator().manual_seed(0)
+    image = torch.rand(2, 1, *patch, generator=generator)
+    label = torch.randint(0, 15, (2, 1, *patch), generator=generator)
+    times: dict[str, list[float]] = {k: [] for k in parts}
+    losses: dict[str, list[float]] = {k: [] for k in parts}
+    for step in range(steps + 1):  # step 0 warms up both
+        for name, p in parts.items():
+            start = time.perf_counter()
+            p.optimizer.zero_grad(set_to_none=True)
+            loss = p.loss(p.model(image), label)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(p.model.parameters(), 12.0)
+            p.optimizer.step()
+            elapsed = time.perf_counter() - start
+            losses[name].append(float(loss.detach()))
+            if step:
+                times[name].append(elapsed)
+    # same weights, same batch: the first loss (before any update) agrees to float rounding; later ones
+    # drift apart only by the rounding that different summation orders leave, amplified by AdamW
+    first_cl, first_c = losses["channels_last"][0], losses["contiguous"][0]
+    assert abs(first_cl - first_c) <= 1e-5 * abs(first_c), f"the layouts compute different losses: {first_cl} vs {first_c}"
+    drift = max(abs(a - b) / abs(b) for a, b in zip(losses["channels_last"], losses["contiguous"]))
+    assert drift < 1e-2, f"the layouts train apart: relative loss difference {drift}"
+    median = {k: statistics.median(v) for k, v in times.items()}
+    return {"patch_zyx": list(patch), "batch": 2, "steps": steps,
+            "seconds_per_step": {k: round(v, 4) for k, v in median.items()},
+            "all_seconds": {k: [round(t, 4) for t in v] for k, v in times.items()},
+            "speedup_channels_last": round(median["contiguous"] / median["channels_last"], 3),
+            "loss_relative_difference_max": float(f"{drift:.2e}")}
 
 
 def build_store(workdir: Path, cases: int) -> Path:
@@ -138,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--sampler-cases", type=int, default=3)
     parser.add_argument("--sampler-patches", type=int, default=60)
-    parser.add_argument("--only", choices=("train_step", "sampler"), default=None, help="run one measurement")
+    parser.add_argument("--only", choices=("train_step", "sampler", "layout"), default=None, help="run one measurement")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # one core, so the figures are per core
@@ -153,6 +199,10 @@ def main(argv: list[str] | None = None) -> int:
             result["load_average_1min_sampler"] = os.getloadavg()[0]
             result["sampler"] = bench_sampler(store, args.sampler_patches)
         print(json.dumps(result["sampler"], indent=2))
+    if args.only in (None, "layout"):
+        result["load_average_1min_layout"] = os.getloadavg()[0]
+        result["layout"] = bench_layout(args.steps)
+        print(json.dumps({k: v for k, v in result["layout"].items() if k != "all_seconds"}, indent=2))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2))

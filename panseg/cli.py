@@ -226,11 +226,11 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from panseg.demo import run_demo, run_two_stage_demo
 
+    sizes = {k: v for k, v in (("cases", args.cases), ("healthy", args.healthy)) if v is not None}
     if args.two_stage:
-        run_two_stage_demo(args.workdir, cases=args.cases, healthy=args.healthy, seed=args.seed, num_cpus=args.num_cpus)
+        run_two_stage_demo(args.workdir, seed=args.seed, num_cpus=args.num_cpus, **sizes)
     else:
-        run_demo(args.workdir, cases=args.cases, healthy=args.healthy, seed=args.seed, num_cpus=args.num_cpus,
-                 minutes=args.minutes)
+        run_demo(args.workdir, seed=args.seed, num_cpus=args.num_cpus, minutes=args.minutes, **sizes)
     return 0
 
 
@@ -378,8 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "  panseg demo --workdir demo_quick --cases 8 --healthy 2 --minutes 3\n"
                        "  panseg demo --workdir demo2 --two-stage")
     p.add_argument("--workdir", default="demo_work", help="where everything is written (default demo_work)")
-    p.add_argument("--cases", type=int, default=40, help="phantom cases with lesions (default 40)")
-    p.add_argument("--healthy", type=int, default=8, help="healthy phantom cases (default 8)")
+    p.add_argument("--cases", type=int, default=None,
+                   help="phantom cases with lesions (default 120; with --two-stage 8)")
+    p.add_argument("--healthy", type=int, default=None, help="healthy phantom cases (default 16; with --two-stage 2)")
     p.add_argument("--minutes", type=float, default=9.0,
                    help="training time budget; the run ends at the first epoch boundary past it (default 9)")
     p.add_argument("--seed", type=int, default=0)

@@ -119,3 +119,16 @@ def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
     assert build_config(config_file=path).train.weight_decay == 3e-5
     with pytest.raises(ConfigError, match="finite number"):
         build_config("paper", overrides=["train.lr=nan"])
+
+
+def test_the_demo_recipe_decays_its_learning_rate_over_the_epochs_its_minutes_hold():
+    from panseg.demo import EPOCHS_PER_MINUTE, demo_config
+    from panseg.training_parts import lr_at_epoch
+
+    cfg = demo_config(minutes=5.0)
+    assert cfg.train.epochs == round(5.0 * EPOCHS_PER_MINUTE) and cfg.train.time_limit_minutes == 5.0
+    assert (cfg.train.tumor_weight, cfg.train.tumor_sampling_ratio) == (5.0, 5.0)  # the paper's
+    last = lr_at_epoch(cfg.train, cfg.train.epochs - 1)
+    assert lr_at_epoch(cfg.train, 0) == 1e-2 and 0 < last < 1e-3
+    assert demo_config(minutes=None).train.time_limit_minutes is None
+    assert demo_config(epochs=7, minutes=3.0).train.epochs == 7
