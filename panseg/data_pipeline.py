@@ -11,7 +11,7 @@ A thin Ray shell around `preprocess.preprocess_case` and `store.write_case`:
 - each actor has its next case queued while it works on one, so it starts that case the moment the
   last one is written: with every core busy, tasks launched one by one by the driver waited for it
   ~0.2 s between cases (bench/preprocess.py);
-- a task no node can ever hold fails the job at once with what is missing (`panseg.cluster`);
+- an actor no node can ever hold fails the job at once with what is missing (`panseg.cluster`);
 - a case becomes visible in the store only when complete, so a rerun skips completed cases and
   redoes only what is missing; one bad case becomes a `failed` manifest row and the rest go on.
 """
@@ -49,6 +49,7 @@ HEADER_SAMPLE = 64
 # big allocations kept on the heap and never trimmed, a worker reuses its memory from case to case
 # (the task's memory reservation already covers that peak) and the faults go to ~0.
 WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2**32), "MALLOC_TRIM_THRESHOLD_": str(2**33)}
+ACTOR_START_TIMEOUT_S = 600  # the initial actors fit the resources free at the start; this is a guard
 
 
 @dataclass(frozen=True)
@@ -217,6 +218,9 @@ def _run_ray(todo: list[CaseFiles], store_path: str, cfg: PreprocessConfig, addr
         ds = ray.data.from_items([asdict(c) for c in todo], override_num_blocks=len(todo))
         ds = ds.map(CaseWriter, fn_constructor_kwargs=kwargs, compute=pool, num_cpus=cpus, memory=memory,
                     runtime_env={"env_vars": WORKER_ENV})
+        # Start handing out cases once the initial actors are up, not to the first one alone: one actor
+        # would otherwise take a small cohort while the others still start (slower on another node).
+        ds.context.wait_for_min_actors_s = ACTOR_START_TIMEOUT_S
         return collect_rows(ds, Progress("preprocess", len(todo), enabled=progress))
 
 
@@ -243,4 +247,5 @@ def format_summary(result: PreprocessResult) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["CaseWriter", "PreprocessResult", "actor_pool_sizes", "format_summary", "process_one", "run_preprocessing", "task_cpus", "task_memory_bytes"]
+__all__ = ["CaseWriter", "PreprocessResult", "actor_pool_sizes", "format_summary", "process_one", "run_preprocessing",
+           "task_cpus", "task_memory_bytes"]
