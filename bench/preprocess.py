@@ -2,7 +2,7 @@
 
     python bench/preprocess.py                      # everything below: ~8 min of work on 2 cores, plus load waits
     python bench/preprocess.py --runs 1 --no-sitk-bspline --shape 150 256 256 --cohort 4 --skip-nnunet
-    python bench/preprocess.py --kinds --skip-nnunet --cohort 40 --ray-repeats 3 --max-load 0.3 \
+    python bench/preprocess.py --kinds --skip-nnunet --cohort 40 --ray-repeats 5 --max-load 0.3 \
         --out bench/results/preprocess_ray.json   # Ray throughput only, 1 vs 2 CPUs, quiet machine
 
 Writes bench/results/preprocess.json (--out) and prints markdown tables. Four measurements:
@@ -22,7 +22,9 @@ Writes bench/results/preprocess.json (--out) and prints markdown tables. Four me
    `phantom.write_cohort(small=False)`).
 4. Throughput of `data_pipeline.run_preprocessing` on that cohort with a local Ray of 1, then 2 CPUs
    (a fresh store each, Ray shut down between), cases/minute and parallel efficiency
-   (rate2 / rate1) / 2. ray.init is not timed; the rate counts from the first case's start to the
+   (rate2 / rate1) / 2. ray.init is not timed, nor the start of Ray Data's per-cluster actors (stats,
+   autoscaling coordinator, actor location tracker: ~1 CPU-second each, once per cluster; --ray-cold
+   times them too, see `_preprocess_cohort.start_cluster_actors`); the rate counts from the first case's start to the
    last case's finish (store file times and the manifest's per-case seconds), and the whole
    run_preprocessing call is reported beside it.
 
@@ -244,7 +246,7 @@ def cohort_measurements(folder: Path, args: argparse.Namespace, loads: dict) -> 
             store = folder / f"store_{num_cpus}cpu.zarr"
             shutil.rmtree(store, ignore_errors=True)
             with phase(loads, name, args):
-                run = cohort.ray_throughput(raw, store, num_cpus)
+                run = cohort.ray_throughput(raw, store, num_cpus, warm=not args.ray_cold)
             repeats[num_cpus].append({**run, "phase": name})
     # the run of median rate stands for each CPU count; every repeat's rates are kept beside it
     runs = {}
@@ -395,6 +397,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ray-cpus", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--ray-repeats", type=int, default=1,
                         help="runs per Ray CPU count, alternating; the median-rate run is reported")
+    parser.add_argument("--ray-cold", action="store_true",
+                        help="time each run from a fresh Ray, with Ray Data's per-cluster actors starting beside "
+                             "the first cases (default: they start before the clock, as on a cluster that has "
+                             "run a dataset)")
     parser.add_argument("--max-load", type=float, default=1.2, help="wait for a 1-min load average below this")
     parser.add_argument("--max-wait", type=float, default=600.0, help="longest wait for it per phase, seconds")
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "results" / "preprocess.json")
