@@ -181,6 +181,9 @@ class TrainConfig:
     batch_dice: bool = True  # Dice over the whole (per-worker) batch, as nnU-Net's 3d_fullres
     tumor_sampling_ratio: float = 5.0  # tumor is drawn this many times as often as each organ
     random_patch_fraction: float = 0.0  # share of patches centred anywhere, not on a class voxel
+    # How far a patch's class voxel may lie from the patch centre, as a fraction of half the patch per
+    # axis: 0 centres it, 1 puts it anywhere in the patch (panseg.sampling.voxel_position).
+    class_voxel_offset: float = 0.0
     precision: Literal["bf16", "fp32"] = "bf16"  # autocast dtype on GPU; CPU always runs fp32
     # Layout of the network's weights and activations in training. 'auto': channels-last on the CPU
     # (a training step ~1.5x faster there, bench/train_step.py), contiguous on GPU (as nnU-Net).
@@ -205,6 +208,8 @@ class TrainConfig:
             raise ConfigError("train.tumor_weight and train.tumor_sampling_ratio must be > 0")
         if self.alpha_dice < 0 or self.alpha_ce < 0 or self.alpha_dice + self.alpha_ce == 0:
             raise ConfigError("train.alpha_dice and train.alpha_ce must be >= 0 and not both 0")
+        if not 0.0 <= self.class_voxel_offset <= 1.0:
+            raise ConfigError(f"train.class_voxel_offset must be in [0, 1], but it is {self.class_voxel_offset}")
         if not 0.0 <= self.random_patch_fraction <= 1.0:
             raise ConfigError(f"train.random_patch_fraction must be in [0, 1], but it is {self.random_patch_fraction}")
         if self.time_limit_minutes is not None and self.time_limit_minutes <= 0:

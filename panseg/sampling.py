@@ -3,8 +3,10 @@
 For each patch: with probability `random_patch_fraction` the centre is any voxel of a random case;
 otherwise a class is drawn (each organ weight 1, tumor `tumor_sampling_ratio`, over the classes that
 some training case holds), then a case that holds it, then one of that case's stored voxel locations
-of that class, and the patch is centred there (padded where it leaves the volume). Only the chunks
-under the patch are read from the store.
+of that class, and the patch is placed around it (padded where it leaves the volume): centred on it,
+or with `class_voxel_offset` > 0 shifted by a uniform offset of up to that fraction of half the patch
+on each axis (1: the voxel may lie anywhere in the patch; without it a small lesion always sits in
+the middle of its patches). Only the chunks under the patch are read from the store.
 
 Every draw comes from a generator seeded by (seed, rank, epoch, iteration, slot), so a batch is a pure
 function of its position in training: prefetching threads, restarts and resumes give the same
@@ -70,11 +72,13 @@ def batch_rng(seed: int, rank: int, epoch: int, iteration: int) -> np.random.Gen
 
 def draw_request(rng: np.random.Generator, index: CaseIndex, probabilities: dict[int, float],
                  random_patch_fraction: float, patch_size_zyx: tuple[int, int, int],
-                 location_of) -> PatchRequest:
+                 location_of, class_voxel_offset: float = 0.0) -> PatchRequest:
     """Draw one patch request.
 
     Args:
         location_of: `(case_id, class_id, rng) -> (z, y, x)` picks a stored voxel of that class.
+        class_voxel_offset: how far the class voxel may lie from the patch centre, per axis, as a
+            fraction of half the patch (0: at the centre, 1: anywhere in the patch).
     """
     patch = np.asarray(patch_size_zyx)
     random_centre = not probabilities or (random_patch_fraction > 0 and rng.random() < random_patch_fraction)
@@ -82,15 +86,25 @@ def draw_request(rng: np.random.Generator, index: CaseIndex, probabilities: dict
         case_id = index.case_ids[rng.integers(len(index.case_ids))]
         shape = np.asarray(index.shapes[case_id])
         centre = np.array([rng.integers(max(1, s)) for s in shape])
-        class_id = -1
-    else:
-        classes = list(probabilities)
-        class_id = classes[rng.choice(len(classes), p=list(probabilities.values()))]
-        holders = index.cases_with_class[class_id]
-        case_id = holders[rng.integers(len(holders))]
-        centre = np.asarray(location_of(case_id, class_id, rng))
-    start = centre - patch // 2
+        return PatchRequest(case_id, tuple(int(s) for s in centre - patch // 2), -1)
+    classes = list(probabilities)
+    class_id = classes[rng.choice(len(classes), p=list(probabilities.values()))]
+    holders = index.cases_with_class[class_id]
+    case_id = holders[rng.integers(len(holders))]
+    voxel = np.asarray(location_of(case_id, class_id, rng))
+    start = voxel - voxel_position(rng, patch, class_voxel_offset)
     return PatchRequest(case_id, tuple(int(s) for s in start), class_id)
+
+
+def voxel_position(rng: np.random.Generator, patch: np.ndarray, class_voxel_offset: float) -> np.ndarray:
+    """Where in the patch the drawn class voxel lies, per axis: the middle (patch // 2), moved by a
+    uniform offset of up to `class_voxel_offset` of the room on each side (1: any index in the patch)."""
+    middle = patch // 2
+    if class_voxel_offset <= 0:
+        return middle
+    low = middle - np.floor(class_voxel_offset * middle).astype(np.int64)
+    high = middle + np.floor(class_voxel_offset * (patch - 1 - middle)).astype(np.int64)
+    return rng.integers(low, high + 1)
 
 
 class PatchSampler:
@@ -106,12 +120,14 @@ class PatchSampler:
 
     def __init__(self, store_path: str, case_ids: list[str], patch_size_zyx: tuple[int, int, int],
                  tumor_sampling_ratio: float, random_patch_fraction: float, clip_hu: tuple[float, float],
-                 tumor_id: int = 14, seed: int = 0, rank: int = 0, location_cache: int = 256):
+                 tumor_id: int = 14, seed: int = 0, rank: int = 0, location_cache: int = 256,
+                 class_voxel_offset: float = 0.0):
         self.store_path = store_path
         self.patch_size_zyx = tuple(int(p) for p in patch_size_zyx)
         self.index = CaseIndex.from_manifest(store_path, list(case_ids))
         self.probabilities = class_probabilities(list(self.index.cases_with_class), tumor_id, tumor_sampling_ratio)
         self.random_patch_fraction = random_patch_fraction
+        self.class_voxel_offset = class_voxel_offset
         self.clip_hu = clip_hu
         self.seed, self.rank = seed, rank
         # Opening a case reads its metadata; keep recently used cases open (and their locations).
@@ -132,7 +148,8 @@ class PatchSampler:
         """The patch requests of one batch (deterministic in epoch and iteration)."""
         rng = batch_rng(self.seed, self.rank, epoch, iteration)
         return [draw_request(rng, self.index, self.probabilities, self.random_patch_fraction,
-                             self.patch_size_zyx, self._location_of) for _ in range(batch_size)]
+                             self.patch_size_zyx, self._location_of, self.class_voxel_offset)
+                for _ in range(batch_size)]
 
     def read(self, request: PatchRequest) -> tuple[np.ndarray, np.ndarray]:
         """One patch: image float32 in [0, 1] and label uint8, both (D, H, W)."""

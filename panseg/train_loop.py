@@ -79,7 +79,7 @@ def train_loop_per_worker(config: dict, session: Session | None = None) -> None:
     model = session.wrap(parts.model)
     sampler = PatchSampler(job.store, list(job.train_ids), tcfg.patch_size_zyx, tcfg.tumor_sampling_ratio,
                            tcfg.random_patch_fraction, cfg.preprocess.clip_hu, tumor_id=TUMOR_ID,
-                           seed=tcfg.seed, rank=session.rank)
+                           seed=tcfg.seed, rank=session.rank, class_voxel_offset=tcfg.class_voxel_offset)
     end_epoch = tcfg.epochs if job.stop_after_epochs is None else min(tcfg.epochs, start_epoch + job.stop_after_epochs)
     iterations = max(1, math.ceil(tcfg.iterations_per_epoch / session.world_size))
     log = _MetricsLog(job.run_dir) if session.rank == 0 else None

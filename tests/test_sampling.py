@@ -9,7 +9,7 @@ import zarr
 from panseg import store
 from panseg.config import PreprocessConfig
 from panseg.preprocess import PreprocessedCase
-from panseg.sampling import PatchSampler
+from panseg.sampling import PatchSampler, voxel_position
 
 CLIP_HU = (-160.0, 240.0)
 PATCH = (12, 10, 16)
@@ -74,3 +74,33 @@ def test_direct_and_zarr_only_reads_give_the_same_batches(store_path):
     for iteration in range(10):
         for ours, theirs in zip(direct.batch(1, iteration, 2), reference.batch(1, iteration, 2)):
             np.testing.assert_array_equal(ours, theirs)
+
+
+@pytest.mark.parametrize("patch", [(12, 10, 16), (7, 9, 1)])
+def test_class_voxel_offset_spreads_the_voxel_over_the_patch_and_never_out(patch):
+    rng = np.random.default_rng(0)
+    patch = np.asarray(patch)
+    centred = voxel_position(rng, patch, 0.0)
+    np.testing.assert_array_equal(centred, patch // 2)
+    anywhere = np.array([voxel_position(rng, patch, 1.0) for _ in range(4000)])
+    np.testing.assert_array_equal(anywhere.min(axis=0), 0)
+    np.testing.assert_array_equal(anywhere.max(axis=0), patch - 1)
+    half = np.array([voxel_position(rng, patch, 0.5) for _ in range(4000)])
+    np.testing.assert_array_equal(half.min(axis=0), patch // 2 - np.floor(0.5 * (patch // 2)))
+    np.testing.assert_array_equal(half.max(axis=0), patch // 2 + np.floor(0.5 * (patch - 1 - patch // 2)))
+
+
+def test_offset_patches_hold_their_class_voxel_off_centre(store_path):
+    def middles_of_another_class(class_voxel_offset: float) -> int:
+        sampler = PatchSampler(str(store_path), ["case_a", "case_b"], PATCH, tumor_sampling_ratio=5.0,
+                               random_patch_fraction=0.0, clip_hu=CLIP_HU, class_voxel_offset=class_voxel_offset)
+        count = 0
+        for iteration in range(20):
+            _, labels = sampler.batch(epoch=0, iteration=iteration, batch_size=2)
+            for slot, request in enumerate(sampler.requests(epoch=0, iteration=iteration, batch_size=2)):
+                assert (labels[slot, 0] == request.class_id).any()  # the drawn class is inside the patch
+                count += labels[slot, 0][tuple(p // 2 for p in PATCH)] != request.class_id
+        return count
+
+    assert middles_of_another_class(0.0) == 0  # centred: the middle voxel is the drawn one
+    assert middles_of_another_class(1.0) > 10
