@@ -208,6 +208,8 @@ def format_table(result: EvaluationResult) -> str:
     fpr = result.false_positive_rate
     text.append(f"cases: {len(result.rows)}, healthy: {len(result.healthy_ids)}, false-positive rate on healthy: "
                 + ("n/a" if math.isnan(fpr) else f"{100 * fpr:.1f}%"))
+    if result.healthy_ids and len(result.healthy_ids) < len(result.rows):
+        text.append(reference_line(result))
     if result.missing:
         text.append(f"missing predictions ({len(result.missing)}, scored 0): {', '.join(result.missing)}")
     if result.extra:
@@ -216,4 +218,17 @@ def format_table(result: EvaluationResult) -> str:
     return "\n".join(text)
 
 
-__all__ = ["EvaluationResult", "ROW_COLUMNS", "evaluate_folders", "format_table", "mask_files", "write_csv"]
+def reference_line(result: EvaluationResult) -> str:
+    """The DSC of the cases with lesions alone, and what predicting no lesion anywhere would score.
+
+    The FLARE rules give an empty prediction DSC 1 on a healthy case, so a model that finds nothing
+    scores the healthy share of the cases; a mean DSC means something only above that.
+    """
+    healthy = set(result.healthy_ids)
+    lesion = [float(r["dsc"]) for r in result.rows if r["case_id"] not in healthy]
+    return (f"cases with lesions: DSC {100 * sum(lesion) / len(lesion):.2f}% (mean of {len(lesion)}); "
+            f"predicting no lesion anywhere would score {100 * len(healthy) / len(result.rows):.2f}% mean DSC")
+
+
+__all__ = ["EvaluationResult", "ROW_COLUMNS", "evaluate_folders", "format_table", "mask_files", "reference_line",
+           "write_csv"]

@@ -313,6 +313,8 @@ def test_evaluate_folders_scores_missing_extra_mismatched_and_healthy_cases(tmp_
     table = format_table(result)
     assert "DSC (%)" in table and "40.00 ± 48.99" in table and "stray" in table and "50.0%" in table
     assert "Inference Time" not in table  # no predictions.csv
+    # perfect 1, missing 0, moved 0; an empty prediction everywhere scores the 2 healthy of 5 cases
+    assert "cases with lesions: DSC 33.33% (mean of 3); predicting no lesion anywhere would score 40.00%" in table
     written = write_csv(result, tmp_path / "scores.csv").read_text().splitlines()
     assert written[0].startswith("case_id,dsc,nsd,rule") and len(written) == 6
 
