@@ -230,7 +230,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if args.two_stage:
         run_two_stage_demo(args.workdir, seed=args.seed, num_cpus=args.num_cpus, **sizes)
     else:
-        run_demo(args.workdir, seed=args.seed, num_cpus=args.num_cpus, minutes=args.minutes, **sizes)
+        minutes = {"minutes": args.minutes} if args.minutes is not None else {}
+        run_demo(args.workdir, seed=args.seed, num_cpus=args.num_cpus, **sizes, **minutes)
     return 0
 
 
@@ -381,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cases", type=int, default=None,
                    help="phantom cases with lesions (default 120; with --two-stage 8)")
     p.add_argument("--healthy", type=int, default=None, help="healthy phantom cases (default 16; with --two-stage 2)")
-    p.add_argument("--minutes", type=float, default=9.0,
+    p.add_argument("--minutes", type=float, default=None,
                    help="training time budget; the run ends at the first epoch boundary past it (default 9)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-cpus", type=int, default=None)
