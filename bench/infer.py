@@ -2,6 +2,7 @@
 
     python bench/infer.py --out bench/results/infer.json            # the default run, ~6-8 min on 2 cores
     python bench/infer.py --z-slices 61 --skip-monai-uncropped       # shorter
+    python bench/infer.py --only panseg_sw monai_sw panseg_sw_compiled --out bench/results/infer_compiled.json
 
 The network is the paper's (preset 'paper': 30.8M parameters, window 96x128x160, step 7/8, Gaussian
 sigma 1/8, 2 windows per forward pass), random weights fixed by seed 0, fp32 on CPU.
@@ -19,6 +20,9 @@ before the measured call; the model and the input are loaded before):
     panseg_sw        panseg's sliding window (`NetworkLogits`) on the cropped, resampled, scaled volume
     monai_sw         `monai.inferers.sliding_window_inference` on the same tensor, same weights, window,
                      overlap 1/8, mode 'gaussian', sigma_scale 0.125, sw_batch_size = windows_per_batch
+    panseg_sw_compiled  panseg_sw with `infer.compile=true` (torch.compile, Inductor freezing on the CPU):
+                     the first call (compilation + prediction) is reported apart as `first_call`; the
+                     figures are the second call's, as every later case of a folder would see
     panseg_crop      panseg's whole `predict_volume` (crop, resample, network, argmax, paste back)
     panseg_nocrop    the same with preprocess.crop_method = 'none'
     monai_uncropped  MONAI's sliding window on the uncropped resampled volume (what predict_volume
@@ -47,7 +51,8 @@ import numpy as np
 
 SPACING_ZYX_MM = (2.5, 0.8, 0.8)
 SLICE_SHAPE = (512, 512)
-WORKERS = ("prepare_full", "panseg_sw", "monai_sw", "panseg_crop", "panseg_nocrop", "monai_uncropped")
+WORKERS = ("prepare_full", "panseg_sw", "monai_sw", "panseg_sw_compiled", "panseg_crop", "panseg_nocrop",
+           "monai_uncropped")
 
 
 def make_ct(z_slices: int, seed: int = 0):
@@ -173,10 +178,15 @@ def run_worker(name: str, workdir: Path) -> dict:
     image = _unit_tensor(prepared, cfg.preprocess.clip_hu)
     if name == "panseg_sw":
         logits, stats = _measure(lambda: predictor.logits_fn(image))
+    elif name == "panseg_sw_compiled":
+        compiled = predictor.with_config(dataclasses.replace(cfg, infer=dataclasses.replace(cfg.infer, compile=True)))
+        _, first = _measure(lambda: compiled.logits_fn(image))
+        logits, stats = _measure(lambda: compiled.logits_fn(image))
+        stats["first_call"] = first
     else:
         model, mcfg = _monai_model(str(workdir / "model"))
         logits, stats = _measure(lambda: _monai_logits(model, mcfg, image))
-    if name != "monai_uncropped":  # kept for the comparison of panseg's and MONAI's logits
+    if name != "monai_uncropped":  # kept for the comparison of the logits
         np.save(workdir / f"{name}_logits.npy", logits.numpy())
     shape = prepared.resampled.shape_zyx
     return {**out, **stats, "resampled_shape_zyx": list(shape), "windows": windows_of(shape, window, step)}
@@ -267,11 +277,15 @@ def summarize(results: dict, workdir: Path) -> dict:
         "sliding_window_time_ratio_panseg_over_monai": ratio("panseg_sw", "monai_sw", "wall_s"),
         "sliding_window_cpu_ratio_panseg_over_monai": ratio("panseg_sw", "monai_sw", "cpu_s"),
         "sliding_window_peak_rss_ratio_panseg_over_monai": ratio("panseg_sw", "monai_sw", "peak_rss_mb"),
+        "compiled_sliding_window_time_ratio_over_monai": ratio("panseg_sw_compiled", "monai_sw", "wall_s"),
+        "compiled_sliding_window_cpu_ratio_over_monai": ratio("panseg_sw_compiled", "monai_sw", "cpu_s"),
+        "compiled_sliding_window_peak_rss_ratio_over_monai": ratio("panseg_sw_compiled", "monai_sw", "peak_rss_mb"),
         "crop_time_ratio_with_over_without": ratio("panseg_crop", "panseg_nocrop", "wall_s"),
         "crop_cpu_ratio_with_over_without": ratio("panseg_crop", "panseg_nocrop", "cpu_s"),
         "predict_volume_with_crop_over_monai_uncropped_sw": ratio("panseg_crop", "monai_uncropped", "wall_s"),
         "predict_volume_with_crop_over_monai_uncropped_sw_cpu": ratio("panseg_crop", "monai_uncropped", "cpu_s"),
         "logits_panseg_vs_monai": compare("panseg_sw", "monai_sw"),
+        "logits_compiled_vs_eager": compare("panseg_sw_compiled", "panseg_sw"),
         "cpu_s_per_window": {k: round(v["cpu_s"] / v["windows"], 1) for k, v in results.items() if "windows" in v},
     }
 
@@ -281,6 +295,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results/infer.json"))
     parser.add_argument("--z-slices", type=int, default=61, help="slices of the CT the network runs on")
     parser.add_argument("--skip-monai-uncropped", action="store_true")
+    parser.add_argument("--only", nargs="+", choices=WORKERS, default=None, help="run these measurements only")
     parser.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -293,7 +308,7 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory(prefix="panseg-bench-infer-") as tmp:
         workdir = Path(tmp)
         setup(workdir, args.z_slices)
-        names = [n for n in WORKERS if not (n == "monai_uncropped" and args.skip_monai_uncropped)]
+        names = [n for n in (args.only or WORKERS) if not (n == "monai_uncropped" and args.skip_monai_uncropped)]
         results = {name: spawn(name, workdir) for name in names}
         report = {
             "what": __doc__, "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),

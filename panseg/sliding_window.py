@@ -61,7 +61,7 @@ def _pad_to_window(image: torch.Tensor, window_zyx: tuple[int, int, int]) -> tup
 def sliding_window_logits(model: torch.nn.Module, image: torch.Tensor, window_zyx: tuple[int, int, int],
                           num_classes: int, step_fraction: float = 0.875, sigma_scale: float = 0.125,
                           windows_per_batch: int = 2, autocast_dtype: torch.dtype | None = None,
-                          mirror_axes: tuple[int, ...] = ()) -> torch.Tensor:
+                          mirror_axes: tuple[int, ...] = (), fixed_batch: bool = False) -> torch.Tensor:
     """Gaussian-weighted sliding-window logits of a whole volume.
 
     Args:
@@ -74,6 +74,9 @@ def sliding_window_logits(model: torch.nn.Module, image: torch.Tensor, window_zy
         windows_per_batch: windows per forward pass.
         autocast_dtype: e.g. torch.bfloat16 on GPU; None runs in the model's dtype.
         mirror_axes: spatial axes (0, 1, 2 = z, y, x) to mirror for test-time augmentation.
+        fixed_batch: fill the last pass up to `windows_per_batch` by repeating its last window (whose
+            extra outputs are dropped), so the network only ever sees one batch shape: a compiled
+            network then compiles once.
 
     Returns:
         (num_classes, D, H, W) float32 logits averaged over windows, on the image's device.
@@ -91,9 +94,12 @@ def sliding_window_logits(model: torch.nn.Module, image: torch.Tensor, window_zy
     for i in range(0, len(starts), windows_per_batch):
         group = starts[i:i + windows_per_batch]
         slices = [tuple(slice(s, s + w) for s, w in zip(start, window_zyx)) for start in group]
-        batch = torch.cat([padded[(0, slice(None)) + sl][None] for sl in slices])  # (N, C, d, h, w)
+        windows = [padded[(0, slice(None)) + sl][None] for sl in slices]
+        if fixed_batch:
+            windows += windows[-1:] * (windows_per_batch - len(windows))
+        batch = torch.cat(windows)  # (N, C, d, h, w)
         with amp:
-            out = _forward_with_mirroring(model, batch, mirror_axes)
+            out = _forward_with_mirroring(model, batch, mirror_axes)[:len(slices)]
         for sl, window_logits in zip(slices, out.float()):
             logits[(slice(None),) + sl].addcmul_(window_logits, weights)  # in place: no window-sized temporary
             norm[sl] += weights

@@ -66,3 +66,41 @@ def test_gaussian_peaks_at_the_centre_and_is_positive_everywhere():
     assert w.shape == (8, 9, 10) and float(w.max()) == pytest.approx(1.0)
     assert float(w.min()) > 0
     assert w[4, 4, 5] > w[0, 4, 5] and w[4, 4, 5] > w[4, 0, 5]
+
+
+class BatchSizes(torch.nn.Module):
+    """A random 3x3x3 convolution that records the batch size of every pass."""
+
+    def __init__(self, classes=2):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv3d(1, classes, 3, padding=1)
+        self.sizes = []
+
+    def forward(self, x):
+        self.sizes.append(x.shape[0])
+        return self.conv(x)
+
+
+def test_fixed_batch_fills_the_last_pass_and_changes_no_logit():
+    image = torch.rand(1, 1, 20, 20, 20)
+    model = BatchSizes()
+    free = sliding_window_logits(model, image, (8, 8, 8), num_classes=2, windows_per_batch=4)
+    assert model.sizes == [4] * 6 + [3]  # 27 windows
+    model.sizes.clear()
+    fixed = sliding_window_logits(model, image, (8, 8, 8), num_classes=2, windows_per_batch=4, fixed_batch=True)
+    assert model.sizes == [4] * 7
+    torch.testing.assert_close(fixed, free)
+
+
+def test_a_compiled_network_predicts_what_the_eager_one_does():
+    from panseg.config import InferConfig
+    from panseg.infer import NetworkLogits
+
+    model = BatchSizes().eval()
+    image = torch.rand(1, 1, 12, 20, 20)
+    cpu = torch.device("cpu")
+    eager = NetworkLogits(model, (8, 8, 8), 2, InferConfig(precision="fp32"), cpu)
+    compiled = NetworkLogits(model, (8, 8, 8), 2, InferConfig(precision="fp32", compile=True), cpu)
+    assert compiled.network is not model and eager.network is model
+    torch.testing.assert_close(compiled(image), eager(image), rtol=1e-5, atol=1e-5)
