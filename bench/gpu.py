@@ -233,8 +233,6 @@ def phase_predict(work: Path, device: torch.device, val_ids: list[str]) -> dict:
 
 
 def phase_monai(work: Path, device: torch.device, val_ids: list[str], repeats: int) -> dict:
-    from monai.inferers import sliding_window_inference
-
     from panseg.infer import load_predictor
     from panseg.io import read_volume
 
@@ -243,44 +241,14 @@ def phase_monai(work: Path, device: torch.device, val_ids: list[str], repeats: i
     sizes = {cid: (work / "raw" / "imagesTr" / f"{cid}_0000.nii.gz") for cid in val_ids}
     largest = max(sizes, key=lambda c: sizes[c].stat().st_size)
     prepared = predictor.prepare(read_volume(sizes[largest]))
-    low, high = cfg.preprocess.clip_hu
-    image = torch.from_numpy(prepared.image_hu.astype(np.float32)).to(device)
-    image = image.sub_(low).mul_(1.0 / (high - low)).clamp_(0.0, 1.0)[None, None]
-    model = predictor.logits_fn.model
-    bf16 = torch.bfloat16 if device.type == "cuda" else None
-
-    def monai(autocast: bool):
-        def run():
-            with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                return sliding_window_inference(image, roi_size=cfg.train.patch_size_zyx,
-                                                sw_batch_size=icfg.windows_per_batch, predictor=model,
-                                                overlap=1.0 - icfg.step_fraction, mode="gaussian",
-                                                sigma_scale=icfg.gaussian_sigma_scale, padding_mode="constant",
-                                                cval=0.0)[0]
-        return run
-
-    variants = {"panseg_bf16" if bf16 else "panseg_fp32": lambda: predictor.logits_fn(image),
-                "monai_fp32": monai(False)}
+    image = _unit_image(prepared.image_hu, cfg.preprocess.clip_hu, device)
+    model, bf16 = predictor.logits_fn.model, predictor.logits_fn.autocast_dtype
+    ours = "panseg_bf16" if bf16 else "panseg_fp32"
+    variants = {ours: lambda: predictor.logits_fn(image),
+                "monai_fp32": _monai(model, image, cfg, icfg.windows_per_batch, None)}
     if bf16:
-        variants["monai_bf16_autocast"] = monai(True)
-    times: dict[str, list[float]] = {k: [] for k in variants}
-    peaks: dict[str, float] = {}
-    logits: dict[str, torch.Tensor] = {}
-    for repeat in range(repeats + 1):
-        for name, fn in variants.items():
-            logits.pop(name, None)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-                held = torch.cuda.memory_allocated(device)
-                torch.cuda.reset_peak_memory_stats(device)
-            result, seconds = _timed(fn, device)
-            if device.type == "cuda":
-                peaks[name] = (torch.cuda.max_memory_allocated(device) - held) / 2**20
-            if repeat:
-                times[name].append(seconds)
-            logits[name] = result.float()
-            del result
-    ours = next(k for k in logits if k.startswith("panseg"))
+        variants["monai_bf16_autocast"] = _monai(model, image, cfg, icfg.windows_per_batch, bf16)
+    times, peaks, logits = _time_variants(variants, device, repeats, keep_results=True)
     agreement = {}
     for name in logits:
         if name == ours:
@@ -288,15 +256,13 @@ def phase_monai(work: Path, device: torch.device, val_ids: list[str], repeats: i
         diff = torch.linalg.vector_norm(logits[ours] - logits[name]) / torch.linalg.vector_norm(logits[name])
         same = (logits[ours].argmax(0) == logits[name].argmax(0)).float().mean()
         agreement[name] = {"relative_l2": float(f"{float(diff):.3e}"), "argmax_agreement": round(float(same), 5)}
-    median = {k: statistics.median(v) for k, v in times.items()}
+    median = _medians(times)
     return {"case_id": largest, "resampled_shape_zyx": list(prepared.resampled.shape_zyx),
             "windows": _bench_module("infer").windows_of(prepared.resampled.shape_zyx, cfg.train.patch_size_zyx,
                                                          icfg.step_fraction),
-            "seconds": {k: round(v, 3) for k, v in median.items()},
-            "all_seconds": {k: [round(t, 3) for t in v] for k, v in times.items()},
+            "seconds": median, "all_seconds": {k: [round(t, 4) for t in v] for k, v in times.items()},
             "time_ratio_panseg_over": {k: round(median[ours] / v, 3) for k, v in median.items() if k != ours},
-            "peak_allocated_mb": {k: round(v) for k, v in peaks.items()} or None,
-            "logits_vs_panseg": agreement}
+            "peak_allocated_mb": peaks or None, "logits_vs_panseg": agreement}
 
 
 def phase_crop(work: Path, device: torch.device, z_slices: int, repeats: int) -> dict:
@@ -339,35 +305,67 @@ def _sw_setup(device: torch.device, sizes: Sizes):
     model.requires_grad_(False)
     model.to(device).eval()
     prepared = prepare_volume(_bench_module("infer").make_ct(sizes.crop_z_slices), cfg.preprocess, threads=4)
-    low, high = cfg.preprocess.clip_hu
-    image = torch.from_numpy(prepared.image_hu.astype(np.float32)).to(device)
-    image = image.sub_(low).mul_(1.0 / (high - low)).clamp_(0.0, 1.0)[None, None]
+    image = _unit_image(prepared.image_hu, cfg.preprocess.clip_hu, device)
     return cfg, model, num_classes_of(cfg), image, list(prepared.resampled.shape_zyx)
 
 
-def _time_variants(variants: dict, device: torch.device, repeats: int) -> tuple[dict, dict]:
-    """Median seconds and peak GPU memory allocated above what was held before, each variant run in turn."""
+def _unit_image(image_hu: np.ndarray, clip_hu: tuple[float, float], device: torch.device) -> torch.Tensor:
+    """A prepared case as the network sees it: (1, 1, D, H, W) float32 in [0, 1] on the device."""
+    low, high = clip_hu
+    image = torch.from_numpy(image_hu.astype(np.float32)).to(device)
+    return image.sub_(low).mul_(1.0 / (high - low)).clamp_(0.0, 1.0)[None, None]
+
+
+def _monai(model: torch.nn.Module, image: torch.Tensor, cfg, per_pass: int, dtype: torch.dtype | None):
+    """MONAI's `sliding_window_inference` with panseg's window, overlap and Gaussian; in an autocast to
+    `dtype` unless it is None (fp32, MONAI's default)."""
+    from monai.inferers import sliding_window_inference
+
+    icfg = cfg.infer
+
+    def run():
+        with torch.inference_mode(), torch.autocast(image.device.type, dtype=dtype or torch.float32,
+                                                    enabled=dtype is not None):
+            return sliding_window_inference(image, roi_size=cfg.train.patch_size_zyx, sw_batch_size=per_pass,
+                                            predictor=model, overlap=1.0 - icfg.step_fraction, mode="gaussian",
+                                            sigma_scale=icfg.gaussian_sigma_scale, padding_mode="constant")[0]
+    return run
+
+
+def _time_variants(variants: dict, device: torch.device, repeats: int, keep_results: bool = False):
+    """Run each variant in turn, 1 warm-up round (cuDNN's search, compilation) then `repeats` rounds.
+
+    Returns:
+        (seconds of the timed rounds per variant, peak GPU memory allocated above what was held before
+        in MB (empty on CPU), the last result of each variant as float32 when keep_results else {}).
+    """
     times: dict[str, list[float]] = {k: [] for k in variants}
-    peaks: dict[str, float] = {}
-    for repeat in range(repeats + 1):  # the first round warms up (cuDNN's search, compilation)
+    peaks: dict[str, int] = {}
+    results: dict[str, torch.Tensor] = {}
+    for repeat in range(repeats + 1):
         for name, fn in variants.items():
+            results.pop(name, None)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
                 held = torch.cuda.memory_allocated(device)
                 torch.cuda.reset_peak_memory_stats(device)
             result, seconds = _timed(fn, device)
-            del result
             if device.type == "cuda":
                 peaks[name] = round((torch.cuda.max_memory_allocated(device) - held) / 2**20)
             if repeat:
                 times[name].append(seconds)
-    return {k: round(statistics.median(v), 4) for k, v in times.items()}, peaks
+            if keep_results:
+                results[name] = result.float()
+            del result
+    return times, peaks, results
+
+
+def _medians(times: dict[str, list[float]]) -> dict[str, float]:
+    return {k: round(statistics.median(v), 4) for k, v in times.items()}
 
 
 def phase_sw(device: torch.device, sizes: Sizes) -> dict:
     """Sliding-window variants of panseg and MONAI on one volume: precision, windows per pass, layout."""
-    from monai.inferers import sliding_window_inference
-
     from panseg.sliding_window import sliding_window_logits
 
     torch.backends.cudnn.benchmark = True  # as load_predictor sets it
@@ -375,33 +373,19 @@ def phase_sw(device: torch.device, sizes: Sizes) -> dict:
     icfg, window, repeats = cfg.infer, cfg.train.patch_size_zyx, sizes.repeats
     dtypes = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16} if device.type == "cuda" else {"fp32": None}
 
-    def ours(dtype, per_pass, net):
-        return lambda: sliding_window_logits(net, image, window, classes, icfg.step_fraction, icfg.gaussian_sigma_scale,
-                                             per_pass, autocast_dtype=dtype)
+    def ours(dtype, per_pass):
+        return lambda: sliding_window_logits(model, image, window, classes, icfg.step_fraction,
+                                             icfg.gaussian_sigma_scale, per_pass, autocast_dtype=dtype)
 
-    def monai(dtype, per_pass):
-        def run():
-            with torch.inference_mode(), torch.autocast(device.type, dtype=dtype or torch.float32,
-                                                        enabled=dtype is not None):
-                return sliding_window_inference(image, roi_size=window, sw_batch_size=per_pass, predictor=model,
-                                                overlap=1.0 - icfg.step_fraction, mode="gaussian",
-                                                sigma_scale=icfg.gaussian_sigma_scale, padding_mode="constant")[0]
-        return run
-
-    variants = {}
-    for dname, dtype in dtypes.items():
-        for per_pass in (1, 2, 4):
-            variants[f"panseg_{dname}_x{per_pass}"] = ours(dtype, per_pass, model)
-    for dname, dtype in dtypes.items():
-        for per_pass in (1, 2, 4):
-            variants[f"monai_{dname}_x{per_pass}"] = monai(dtype, per_pass)
-    seconds, peaks = _time_variants(variants, device, repeats)
+    variants = {f"panseg_{d}_x{n}": ours(t, n) for d, t in dtypes.items() for n in (1, 2, 4)}
+    variants.update({f"monai_{d}_x{n}": _monai(model, image, cfg, n, t) for d, t in dtypes.items() for n in (1, 2, 4)})
+    times, peaks, _ = _time_variants(variants, device, repeats)
     # channels-last weights, timed after the others (the conversion is in place)
     model.to(memory_format=torch.channels_last_3d)
-    cl = {f"panseg_{d}_x2_channels_last": ours(t, 2, model) for d, t in dtypes.items()}
-    cl_seconds, cl_peaks = _time_variants(cl, device, repeats)
-    return {"resampled_shape_zyx": shape, "seconds": {**seconds, **cl_seconds}, "peak_allocated_mb": {**peaks, **cl_peaks},
-            "tf32_convolutions": torch.backends.cudnn.allow_tf32}
+    cl_times, cl_peaks, _ = _time_variants({f"panseg_{d}_x2_channels_last": ours(t, 2) for d, t in dtypes.items()},
+                                           device, repeats)
+    return {"resampled_shape_zyx": shape, "seconds": _medians({**times, **cl_times}),
+            "peak_allocated_mb": {**peaks, **cl_peaks}, "tf32_convolutions": torch.backends.cudnn.allow_tf32}
 
 
 def phase_compile(device: torch.device, sizes: Sizes) -> dict:
@@ -414,13 +398,15 @@ def phase_compile(device: torch.device, sizes: Sizes) -> dict:
     dtypes = {"fp32": None, "bf16": torch.bfloat16} if device.type == "cuda" else {"fp32": None}
     start = time.perf_counter()
     compiled = torch.compile(model, dynamic=False)
-    variants = {}
-    for dname, dtype in dtypes.items():
-        for name, net in (("eager", model), ("compiled", compiled)):
-            variants[f"{name}_{dname}_x2"] = (lambda n, d: lambda: sliding_window_logits(
-                n, image, window, classes, icfg.step_fraction, icfg.gaussian_sigma_scale, 2, autocast_dtype=d))(net, dtype)
-    seconds, peaks = _time_variants(variants, device, sizes.repeats)
-    return {"resampled_shape_zyx": shape, "seconds": seconds, "peak_allocated_mb": peaks,
+
+    def run(net, dtype):
+        return lambda: sliding_window_logits(net, image, window, classes, icfg.step_fraction,
+                                             icfg.gaussian_sigma_scale, 2, autocast_dtype=dtype)
+
+    variants = {f"{name}_{d}_x2": run(net, t) for d, t in dtypes.items()
+                for name, net in (("eager", model), ("compiled", compiled))}
+    times, peaks, _ = _time_variants(variants, device, sizes.repeats)
+    return {"resampled_shape_zyx": shape, "seconds": _medians(times), "peak_allocated_mb": peaks,
             "phase_including_compilation_s": round(time.perf_counter() - start, 1)}
 
 
@@ -431,8 +417,6 @@ def phase_predictor(work: Path, device: torch.device, sizes: Sizes) -> dict:
     per pass); (b) `predict_case` (read to write) of three CTs of 300, 200 and 120 slices, the
     compiled predictor's first case holding its compilation.
     """
-    from monai.inferers import sliding_window_inference
-
     from panseg.checkpoint import TrainingState, save_checkpoint
     from panseg.infer import load_predictor, predict_case
     from panseg.io import write_volume
@@ -442,28 +426,18 @@ def phase_predictor(work: Path, device: torch.device, sizes: Sizes) -> dict:
                                                None, None), work / "random_model")
     del model
     icfg = cfg.infer
-    predictors = {"eager": load_predictor(checkpoint, device, threads=4),
-                  "compiled": load_predictor(checkpoint, device, dataclasses.replace(icfg, compile=True), threads=4),
-                  "compiled_x4": load_predictor(checkpoint, device,
-                                                dataclasses.replace(icfg, compile=True, windows_per_batch=4), threads=4)}
+    settings = {"eager": icfg, "compiled": dataclasses.replace(icfg, compile=True),
+                "compiled_x4": dataclasses.replace(icfg, compile=True, windows_per_batch=4)}
+    predictors = {name: load_predictor(checkpoint, device, infer, threads=4) for name, infer in settings.items()}
     dtype = predictors["eager"].logits_fn.autocast_dtype
     raw_model = predictors["eager"].logits_fn.model
-
-    def monai(autocast: bool):
-        def run():
-            with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                return sliding_window_inference(image, roi_size=cfg.train.patch_size_zyx,
-                                                sw_batch_size=icfg.windows_per_batch, predictor=raw_model,
-                                                overlap=1.0 - icfg.step_fraction, mode="gaussian",
-                                                sigma_scale=icfg.gaussian_sigma_scale, padding_mode="constant")[0]
-        return run
-
     variants = {f"panseg_{name}": (lambda p: lambda: p.logits_fn(image))(p) for name, p in predictors.items()}
-    variants["monai_fp32_x2"] = monai(False)
-    if device.type == "cuda":
-        variants["monai_bf16_x2"] = monai(True)
+    variants["monai_fp32_x2"] = _monai(raw_model, image, cfg, icfg.windows_per_batch, None)
+    if dtype is not None:
+        variants["monai_bf16_x2"] = _monai(raw_model, image, cfg, icfg.windows_per_batch, dtype)
     start = time.perf_counter()
-    seconds, peaks = _time_variants(variants, device, sizes.repeats)
+    times, peaks, _ = _time_variants(variants, device, sizes.repeats)
+    seconds = _medians(times)
     window_phase_s = time.perf_counter() - start
     ct = _bench_module("infer").make_ct(sizes.crop_z_slices)
     paths = []

@@ -405,6 +405,6 @@ def prediction_row(case_id: str, output: str, prediction: Prediction, seconds: d
 
 __all__ = [
     "LogitsFn", "NetworkLogits", "PreparedCase", "Prediction", "Predictor", "argmax_uint8", "autocast_dtype",
-    "case_id_of", "compile_network", "default_device", "inference_crop", "load_predictor", "predict_array", "predict_case",
-    "prediction_row", "prepare_volume", "restore_labels",
+    "case_id_of", "compile_network", "default_device", "inference_crop", "load_predictor", "predict_array",
+    "predict_case", "prediction_row", "prepare_volume", "restore_labels",
 ]
