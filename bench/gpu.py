@@ -174,15 +174,9 @@ def phase_step(sizes: Sizes, device: torch.device) -> dict:
     from panseg.train_loop import _step
     from panseg.training_parts import make_loss, make_model, make_optimizer, to_memory_format
 
-    nnunet_model = _bench_module("train_step")._nnunet_model
     cfg = build_config(sizes.preset)
     tcfg = cfg.train
-    torch.manual_seed(0)
-    ours = make_model(cfg)
-    theirs = nnunet_model(cfg, ours.strides, ours.num_classes)
-    with torch.no_grad():  # same weights: the parameters map one to one, in order
-        for mine, ref in zip(ours.parameters(), theirs.parameters(), strict=True):
-            ref.copy_(mine)
+    ours, theirs = _bench_module("train_step").paired_models(cfg)
     ours_cl = make_model(cfg)
     ours_cl.load_state_dict(ours.state_dict())
     models = {"panseg": ours.to(device), "panseg_channels_last": to_memory_format(ours_cl.to(device),

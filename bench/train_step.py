@@ -49,17 +49,25 @@ def _nnunet_model(cfg, strides, num_classes):
         nonlin=torch.nn.LeakyReLU, nonlin_kwargs={"negative_slope": 1e-2, "inplace": True}, deep_supervision=True)
 
 
-def bench_steps(patch: tuple[int, int, int], steps: int, batch: int) -> dict:
-    from panseg.config import preset
-    from panseg.training_parts import make_loss, make_model, make_optimizer
+def paired_models(cfg) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """panseg's UNet3D for `cfg` (seed 0) and nnU-Net's PlainConvUNet with the same plan and weights."""
+    from panseg.training_parts import make_model
 
-    cfg = preset("paper")
     torch.manual_seed(0)
     ours = make_model(cfg)
     theirs = _nnunet_model(cfg, ours.strides, ours.num_classes)
     with torch.no_grad():  # same weights: the parameters map one to one, in order
         for mine, ref in zip(ours.parameters(), theirs.parameters(), strict=True):
             ref.copy_(mine)
+    return ours, theirs
+
+
+def bench_steps(patch: tuple[int, int, int], steps: int, batch: int) -> dict:
+    from panseg.config import preset
+    from panseg.training_parts import make_loss, make_optimizer
+
+    cfg = preset("paper")
+    ours, theirs = paired_models(cfg)
     loss = make_loss(cfg, len(ours.strides) - 1)
     image = torch.rand(batch, 1, *patch)
     label = torch.randint(0, 15, (batch, 1, *patch))
