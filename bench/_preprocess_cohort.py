@@ -14,7 +14,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 def write_phantom_cohort(raw: Path, cases: int, healthy: int, workers: int) -> dict:
     """A realistic (small=False) phantom cohort in the nnU-Net raw layout; returns its description."""
-    from panseg.phantom import write_cohort
+    from panseg.phantom.cohort import write_cohort
 
     summary = write_cohort(raw, cases=cases, healthy=healthy, seed=0, small=False, workers=workers)
     shapes = [c.shape_zyx for c in summary.cases]
@@ -105,8 +105,8 @@ def _finished_at(case_dir: Path) -> float:
 
 def crop_ratio(image_path: str, crop_box: list[int]) -> dict:
     """Voxels of panseg's crop / voxels of the HU > 0 bounding box (crop.threshold_bbox(hu, 0))."""
-    from panseg.crop import Box, threshold_bbox
     from panseg.io import read_volume
+    from panseg.preprocessing.crop import Box, threshold_bbox
 
     hu = read_volume(image_path).array
     released = threshold_bbox(hu, 0)

@@ -72,7 +72,7 @@ def dataset_json() -> dict:
 def write_fused_seg(files: dict, out: Path) -> str:
     """nnU-Net reads one label file: organs 1-13 with the tumor as 14 on top (what panseg fuses itself)."""
     from panseg.io import read_volume, write_volume
-    from panseg.preprocess import fuse_labels
+    from panseg.preprocessing.case import fuse_labels
 
     tumor, organs = read_volume(files["label"]), read_volume(files["organs"])
     write_volume(tumor.with_array(fuse_labels(tumor.array, organs.array, "tumor")), out)

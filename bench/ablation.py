@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from panseg.phantom_shapes import Tissue
+from panseg.phantom.shapes import Tissue
 
 DISTRACTORS = (Tissue.CYST, Tissue.BOWEL, Tissue.BLADDER, Tissue.ARTERY, Tissue.VEIN, Tissue.GALLBLADDER,
                Tissue.STOMACH, Tissue.DUODENUM)
@@ -56,8 +56,8 @@ def _without_organs(raw: Path, out: Path) -> Path:
 
 
 def _score_run(name: str, run: Path, held_out: Path, gt: Path, cases: dict, work: Path) -> dict:
-    from panseg.evaluation import evaluate_folders
-    from panseg.infer_folder import predict_folder
+    from panseg.evaluation.folders import evaluate_folders
+    from panseg.infer import predict_folder
     from panseg.io import read_volume
 
     preds = work / f"predictions_{name}"
@@ -95,7 +95,7 @@ def main() -> None:
 
     from panseg import demo
     from panseg.data_pipeline import run_preprocessing
-    from panseg.phantom import cohort_jobs, make_case, write_cohort
+    from panseg.phantom.cohort import cohort_jobs, make_case, write_cohort
     from panseg.train_loop import load_or_create_split
 
     cases = args.cases if args.cases is not None else demo.DEFAULT_CASES

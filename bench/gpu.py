@@ -8,7 +8,7 @@ Data's actors run per case), and training runs in `--local` mode (`train_local`)
 its results into OUT/gpu.json as soon as it ends; a phase that fails records its error there and the
 next phases go on. Phases:
 
-1. cohort   realistic phantoms (`panseg.phantom`, full size), preprocessed with the paper preset.
+1. cohort   realistic phantoms (`panseg.phantom.cohort`, full size), preprocessed with the paper preset.
 2. train    the real training loop (`train_local`): paper preset (30.8M parameters, patch 96x128x160,
             batch 2, bf16 autocast, AdamW, augmentations on the GPU, patches read from the store by
             loader threads), E epochs of I iterations, then validation by sliding window on the
@@ -117,8 +117,8 @@ def phase_cohort(work: Path, sizes: Sizes, workers: int) -> dict:
     from panseg.config import build_config
     from panseg.data_pipeline import process_one
     from panseg.io import discover_cohort
-    from panseg.phantom import write_cohort
-    from panseg.store import create_store, write_manifest
+    from panseg.phantom.cohort import write_cohort
+    from panseg.store.zarr_store import create_store, write_manifest
 
     raw, store = work / "raw", work / "store.zarr"
     start = time.perf_counter()
@@ -172,7 +172,7 @@ def phase_train(work: Path, sizes: Sizes) -> dict:
 def phase_step(sizes: Sizes, device: torch.device) -> dict:
     from panseg.config import build_config
     from panseg.train_loop import _step
-    from panseg.training_parts import make_loss, make_model, make_optimizer, to_memory_format
+    from panseg.training.parts import make_loss, make_model, make_optimizer, to_memory_format
 
     cfg = build_config(sizes.preset)
     tcfg = cfg.train
@@ -210,7 +210,7 @@ def phase_step(sizes: Sizes, device: torch.device) -> dict:
 
 
 def phase_predict(work: Path, device: torch.device, val_ids: list[str]) -> dict:
-    from panseg.infer import load_predictor, predict_case
+    from panseg.inference.predictor import load_predictor, predict_case
 
     predictor = load_predictor(work / "run", device=device, threads=4)
     images = {cid: work / "raw" / "imagesTr" / f"{cid}_0000.nii.gz" for cid in val_ids}
@@ -227,7 +227,7 @@ def phase_predict(work: Path, device: torch.device, val_ids: list[str]) -> dict:
 
 
 def phase_monai(work: Path, device: torch.device, val_ids: list[str], repeats: int) -> dict:
-    from panseg.infer import load_predictor
+    from panseg.inference.predictor import load_predictor
     from panseg.io import read_volume
 
     predictor = load_predictor(work / "run", device=device, threads=4)
@@ -260,7 +260,7 @@ def phase_monai(work: Path, device: torch.device, val_ids: list[str], repeats: i
 
 
 def phase_crop(work: Path, device: torch.device, z_slices: int, repeats: int) -> dict:
-    from panseg.infer import load_predictor
+    from panseg.inference.predictor import load_predictor
 
     predictor = load_predictor(work / "run", device=device, threads=4)
     cfg = predictor.cfg
@@ -289,8 +289,8 @@ def _sw_setup(device: torch.device, sizes: Sizes):
     """The preset's network with seeded random weights (timing does not depend on them) in eval mode, and
     bench/infer.py's synthetic CT, cropped, resampled and scaled, on the device."""
     from panseg.config import build_config
-    from panseg.infer import prepare_volume
-    from panseg.training_parts import make_model, num_classes_of
+    from panseg.inference.predictor import prepare_volume
+    from panseg.training.parts import make_model, num_classes_of
 
     cfg = build_config(sizes.preset)
     torch.manual_seed(0)
@@ -360,7 +360,7 @@ def _medians(times: dict[str, list[float]]) -> dict[str, float]:
 
 def phase_sw(device: torch.device, sizes: Sizes) -> dict:
     """Sliding-window variants of panseg and MONAI on one volume: precision, windows per pass, layout."""
-    from panseg.sliding_window import sliding_window_logits
+    from panseg.inference.sliding_window import sliding_window_logits
 
     torch.backends.cudnn.benchmark = True  # as load_predictor sets it
     cfg, model, classes, image, shape = _sw_setup(device, sizes)
@@ -384,7 +384,7 @@ def phase_sw(device: torch.device, sizes: Sizes) -> dict:
 
 def phase_compile(device: torch.device, sizes: Sizes) -> dict:
     """panseg's sliding window with the network through torch.compile (Inductor), against eager."""
-    from panseg.sliding_window import sliding_window_logits
+    from panseg.inference.sliding_window import sliding_window_logits
 
     torch.backends.cudnn.benchmark = True
     cfg, model, classes, image, shape = _sw_setup(device, sizes)
@@ -411,9 +411,9 @@ def phase_predictor(work: Path, device: torch.device, sizes: Sizes) -> dict:
     per pass); (b) `predict_case` (read to write) of three CTs of 300, 200 and 120 slices, the
     compiled predictor's first case holding its compilation.
     """
-    from panseg.checkpoint import TrainingState, save_checkpoint
-    from panseg.infer import load_predictor, predict_case
+    from panseg.inference.predictor import load_predictor, predict_case
     from panseg.io import write_volume
+    from panseg.training.checkpoint import TrainingState, save_checkpoint
 
     cfg, model, _classes, image, shape = _sw_setup(device, sizes)
     checkpoint = save_checkpoint(TrainingState(cfg, 0, {k: v.cpu() for k, v in model.state_dict().items()},

@@ -79,7 +79,7 @@ def make_ct(z_slices: int, seed: int = 0):
 
 
 def windows_of(shape_zyx, window_zyx, step_fraction: float) -> int:
-    from panseg.sliding_window import window_starts
+    from panseg.inference.sliding_window import window_starts
 
     count = 1
     for size, win in zip(shape_zyx, window_zyx):
@@ -99,7 +99,7 @@ def _rss_mb() -> float:
 
 def _measure(fn):
     """Run fn() once: wall and CPU seconds, RSS before and peak RSS during (VmHWM reset first)."""
-    from panseg.resource_monitor import peak_rss_mb, reset_peak_rss
+    from panseg.inference.resource_monitor import peak_rss_mb, reset_peak_rss
 
     before = _rss_mb()
     reset_peak_rss()
@@ -121,8 +121,8 @@ def _unit_tensor(prepared, clip_hu):
 
 
 def _monai_model(checkpoint: str):
-    from panseg.checkpoint import load_checkpoint
-    from panseg.training_parts import make_model
+    from panseg.training.checkpoint import load_checkpoint
+    from panseg.training.parts import make_model
 
     state = load_checkpoint(checkpoint)
     model = make_model(state.cfg)
@@ -146,7 +146,7 @@ def _monai_logits(model, cfg, image):
 def run_worker(name: str, workdir: Path) -> dict:
     import dataclasses
 
-    from panseg.infer import load_predictor, prepare_volume
+    from panseg.inference.predictor import load_predictor, prepare_volume
 
     predictor = load_predictor(workdir / "model", device="cpu")
     cfg = predictor.cfg
@@ -216,10 +216,10 @@ def spawn(name: str, workdir: Path) -> dict:
 def setup(workdir: Path, z_slices: int) -> None:
     import torch
 
-    from panseg.checkpoint import TrainingState, save_checkpoint
     from panseg.config import preset
-    from panseg.model import count_parameters
-    from panseg.training_parts import make_model
+    from panseg.training.checkpoint import TrainingState, save_checkpoint
+    from panseg.training.model import count_parameters
+    from panseg.training.parts import make_model
 
     torch.manual_seed(0)
     cfg = preset("paper")
@@ -237,9 +237,9 @@ def equivalence_check() -> dict:
     from monai.inferers import sliding_window_inference
 
     from panseg.config import preset
-    from panseg.infer import NetworkLogits
-    from panseg.sliding_window import gaussian_importance
-    from panseg.training_parts import make_model, num_classes_of
+    from panseg.inference.predictor import NetworkLogits
+    from panseg.inference.sliding_window import gaussian_importance
+    from panseg.training.parts import make_model, num_classes_of
 
     torch.manual_seed(0)
     cfg = preset("tiny")

@@ -72,7 +72,7 @@ import json, os, resource, sys, time
 os.sched_setaffinity(0, {int(sys.argv[3])})
 from panseg.config import PreprocessConfig
 from panseg.io import CaseFiles
-from panseg.preprocess import preprocess_case
+from panseg.preprocessing.case import preprocess_case
 case = CaseFiles(**json.loads(sys.argv[1]))
 cfg = PreprocessConfig(**json.loads(sys.argv[2]))
 BASE_RSS_MB = int(dict(line.split(":", 1) for line in open("/proc/self/status"))["VmRSS"].split()[0]) / 1024
@@ -276,10 +276,10 @@ def cohort_measurements(folder: Path, args: argparse.Namespace, loads: dict) -> 
 
 def resampler_table(files: dict, crop_box: list[int], sitk_bspline: bool) -> list[tuple[str, float]]:
     """Seconds to resample the cropped CT to the paper's spacing, ours vs SimpleITK (1 thread each)."""
-    from panseg.crop import Box
     from panseg.io import read_volume
-    from panseg.preprocess import crop_volume
-    from panseg.resample import _resample_sitk, resample_volume, resampled_geometry
+    from panseg.preprocessing.case import crop_volume
+    from panseg.preprocessing.crop import Box
+    from panseg.preprocessing.resample import _resample_sitk, resample_volume, resampled_geometry
 
     spacing = (1.6, 1.2859, 1.2859)
     cropped = crop_volume(read_volume(files["image"]), Box.from_list(crop_box))

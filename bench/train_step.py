@@ -13,7 +13,7 @@ Three measurements, each against its reference in the same run:
 2. The sampler's patches per second per CPU core at the paper's 96x128x160 patch from a store of
    realistic phantom cases preprocessed with the paper preset (one thread, image + label, scaled).
    Target: >= 30 patches/s/core, so a GPU step (~0.3 s for batch 2) never waits on data. The
-   sampler reads the store's shards directly (`panseg.shard_reader`); the same sampler reading
+   sampler reads the store's shards directly (`panseg.store.shard_reader`); the same sampler reading
    through zarr-python alone is the reference, batch by batch alternating, and the two must give
    identical batches.
 3. The training step of the demo's network (tiny preset: features 8-64, 15 classes, deep
@@ -51,7 +51,7 @@ def _nnunet_model(cfg, strides, num_classes):
 
 def paired_models(cfg) -> tuple[torch.nn.Module, torch.nn.Module]:
     """panseg's UNet3D for `cfg` (seed 0) and nnU-Net's PlainConvUNet with the same plan and weights."""
-    from panseg.training_parts import make_model
+    from panseg.training.parts import make_model
 
     torch.manual_seed(0)
     ours = make_model(cfg)
@@ -64,7 +64,7 @@ def paired_models(cfg) -> tuple[torch.nn.Module, torch.nn.Module]:
 
 def bench_steps(patch: tuple[int, int, int], steps: int, batch: int) -> dict:
     from panseg.config import preset
-    from panseg.training_parts import make_loss, make_optimizer
+    from panseg.training.parts import make_loss, make_optimizer
 
     cfg = preset("paper")
     ours, theirs = paired_models(cfg)
@@ -92,7 +92,7 @@ def bench_steps(patch: tuple[int, int, int], steps: int, batch: int) -> dict:
 
 def bench_layout(steps: int) -> dict:
     from panseg.config import build_config
-    from panseg.training_parts import build_training_parts
+    from panseg.training.parts import build_training_parts
 
     cpu = torch.device("cpu")
     parts = {}
@@ -135,8 +135,8 @@ def build_store(workdir: Path, cases: int) -> Path:
     from panseg.config import preset
     from panseg.data_pipeline import process_one
     from panseg.io import discover_cohort
-    from panseg.phantom import write_cohort
-    from panseg.store import create_store, write_manifest
+    from panseg.phantom.cohort import write_cohort
+    from panseg.store.zarr_store import create_store, write_manifest
 
     raw, store = workdir / "raw", workdir / "store.zarr"
     write_cohort(raw, cases=cases, healthy=0, seed=0, small=False)
@@ -151,8 +151,8 @@ def bench_sampler(store: Path, patches: int) -> dict:
     from numcodecs import blosc
 
     from panseg.config import preset
-    from panseg.sampling import PatchSampler
-    from panseg.store import open_case, read_manifest
+    from panseg.store.zarr_store import open_case, read_manifest
+    from panseg.training.sampling import PatchSampler
 
     class ZarrOnlySampler(PatchSampler):  # the reference: every patch read through zarr-python
         def _open_case(self, case_id):

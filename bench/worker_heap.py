@@ -22,7 +22,7 @@ import numpy as np
 os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
 from panseg.config import preset
 from panseg.io import CaseFiles, Volume, write_volume
-from panseg.preprocess import preprocess_case
+from panseg.preprocessing.case import preprocess_case
 path = sys.argv[1]
 if not os.path.exists(path):
     rng = np.random.default_rng(0)

@@ -74,7 +74,7 @@ def _config_from_args(args: argparse.Namespace):
 
 
 def _cmd_phantom(args: argparse.Namespace) -> int:
-    from panseg.phantom import write_cohort
+    from panseg.phantom.cohort import write_cohort
 
     summary = write_cohort(args.out, cases=args.cases, healthy=args.healthy, seed=args.seed, small=args.small,
                            truth_dir=args.truth, organ_cohort=args.organ_cohort, workers=args.workers)
@@ -159,10 +159,10 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from panseg.infer_folder import predict_folder
+    from panseg.infer import predict_folder
 
-    from panseg.checkpoint import load_checkpoint
     from panseg.config import apply_overrides
+    from panseg.training.checkpoint import load_checkpoint
 
     infer = None  # the checkpoint's own inference settings, unless changed here
     if args.config or args.overrides or args.all_labels:
@@ -183,8 +183,8 @@ def _cmd_pseudolabel(args: argparse.Namespace) -> int:
 
     infer = None
     if args.config or args.overrides:
-        from panseg.checkpoint import load_checkpoint
         from panseg.config import apply_overrides
+        from panseg.training.checkpoint import load_checkpoint
 
         infer = apply_overrides(load_checkpoint(args.model).cfg, args.config, args.overrides).infer
     rows = pseudolabel_folder(args.model, args.input, args.output, address=args.address, num_cpus=args.num_cpus,
@@ -201,7 +201,7 @@ def _replace(obj, **changes):
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from panseg.evaluation import evaluate_folders, format_table, write_csv
+    from panseg.evaluation.folders import evaluate_folders, format_table, write_csv
 
     result = evaluate_folders(args.pred, args.gt, tolerance_mm=args.tolerance_mm)
     print(format_table(result))
@@ -212,7 +212,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from panseg.report import build_report, sources_from_paths
+    from panseg.report.page import build_report, sources_from_paths
 
     sources = sources_from_paths(args.inputs, images_dir=args.images, gt_dir=args.gt, metrics_csv=args.metrics)
     result = build_report(sources, args.out, max_cases=args.max_cases)

@@ -182,7 +182,7 @@ class TrainConfig:
     tumor_sampling_ratio: float = 5.0  # tumor is drawn this many times as often as each organ
     random_patch_fraction: float = 0.0  # share of patches centred anywhere, not on a class voxel
     # How far a patch's class voxel may lie from the patch centre, as a fraction of half the patch per
-    # axis: 0 centres it, 1 puts it anywhere in the patch (panseg.sampling.voxel_position).
+    # axis: 0 centres it, 1 puts it anywhere in the patch (panseg.training.sampling.voxel_position).
     class_voxel_offset: float = 0.0
     precision: Literal["bf16", "fp32"] = "bf16"  # autocast dtype on GPU; CPU always runs fp32
     # Layout of the network's weights and activations in training. 'auto': channels-last on the CPU

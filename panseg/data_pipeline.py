@@ -1,6 +1,6 @@
 """`panseg preprocess`: the paper's preprocessing over a whole cohort with Ray Data, into a Zarr store.
 
-A thin Ray shell around `preprocess.preprocess_case` and `store.write_case`:
+A thin Ray shell around `preprocessing.case.preprocess_case` and `store.write_case`:
 - cases stream through one Ray Data `map` onto a pool of `CaseWriter` actors; only file paths travel
   through Ray, each actor reads its case's CT, preprocesses it, writes it to the store, and returns a
   small manifest row;
@@ -28,9 +28,9 @@ from pathlib import Path
 
 from panseg.config import PreprocessConfig, from_dict, to_dict
 from panseg.io import CaseFiles, ImageReadError, discover_cohort, read_geometry
-from panseg.preprocess import CaseError, preprocess_case
+from panseg.preprocessing.case import CaseError, preprocess_case
 from panseg.ray_shell import Progress, collect_rows, ray_session
-from panseg.store import (
+from panseg.store.zarr_store import (
     case_manifest_row,
     create_store,
     failed_row,
@@ -189,7 +189,7 @@ def run_preprocessing(
 
 
 def _rows_of_complete(store_path: str, cases: list[CaseFiles]) -> list[dict]:
-    from panseg.store import read_case_manifest_row
+    from panseg.store.zarr_store import read_case_manifest_row
 
     return [read_case_manifest_row(store_path, c.case_id) for c in cases]
 

@@ -77,7 +77,7 @@ def run_demo(workdir: str | Path, cases: int = DEFAULT_CASES, healthy: int = DEF
     import ray
 
     from panseg.data_pipeline import format_summary, run_preprocessing
-    from panseg.phantom import write_cohort
+    from panseg.phantom.cohort import write_cohort
     from panseg.train_loop import summarize_run
 
     started = time.perf_counter()
@@ -113,8 +113,8 @@ def _predict_and_evaluate(work: Path, raw: Path, truth: Path, run: Path, val_ids
                           num_cpus: int | None, started: float,
                           stage_names: tuple[str, str] = ("4/6 predict the held-out cases",
                                                           "5/6 evaluate (FLARE 2024 rules)")) -> dict:
-    from panseg.evaluation import evaluate_folders, format_table, write_csv
-    from panseg.infer_folder import predict_folder
+    from panseg.evaluation.folders import evaluate_folders, format_table, write_csv
+    from panseg.infer import predict_folder
 
     _stage(stage_names[0], started)
     held_out = work / "held_out_images"
@@ -152,7 +152,7 @@ def _write_report(work: Path, run: Path, started: float) -> dict:
     """WORKDIR/report.html: curves, metrics against the complete truth, overlays (needs the viz extra)."""
     _stage("6/6 report", started)
     try:
-        from panseg.report import build_report, sources_from_paths
+        from panseg.report.page import build_report, sources_from_paths
     except ImportError as err:  # matplotlib is in the viz extra
         print(f"report skipped: {err}; install it with pip install 'panseg[viz]'")
         return {}
@@ -181,7 +181,7 @@ def run_two_stage_demo(workdir: str | Path, cases: int = 8, healthy: int = 2, or
     the pseudo-labels from WORK/pseudo_organs. Returns the paths it wrote.
     """
     from panseg.data_pipeline import format_summary, run_preprocessing
-    from panseg.phantom import write_cohort
+    from panseg.phantom.cohort import write_cohort
     from panseg.train_loop import summarize_run
 
     started = time.perf_counter()

@@ -3,7 +3,7 @@
 Two stages, so reading and preprocessing the next case overlaps the prediction of the current one:
 
 1. `prepare` (Ray tasks, 1 CPU each, memory reserved from the image headers): read the CT, crop,
-   resample, clip (`infer.prepare_volume`); only numpy and plain values leave the task.
+   resample, clip (`inference.predictor.prepare_volume`); only numpy and plain values leave the task.
 2. `PredictorActor` (a callable-class actor pool, `batch_size=1`, one actor per GPU, or one CPU actor
    with most of the CPUs): scale, sliding windows, argmax, paste back into the original grid, write
    `<case>.nii.gz` atomically, measure the case (peak RSS, GPU peak and memory-time area).
@@ -30,13 +30,13 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from panseg.checkpoint import load_checkpoint
 from panseg.config import InferConfig, PreprocessConfig, from_dict, to_dict
-from panseg.infer import PreparedCase, load_predictor, prediction_row, prepare_volume
+from panseg.inference.predictor import PreparedCase, load_predictor, prediction_row, prepare_volume
+from panseg.inference.resource_monitor import CaseUsage, peak_rss_mb, reset_peak_rss
 from panseg.io import CaseFiles, ImageReadError, Volume, discover_cohort, read_geometry, read_volume, write_volume
-from panseg.preprocess import CaseError
+from panseg.preprocessing.case import CaseError
 from panseg.ray_shell import Progress, collect_rows, ray_session
-from panseg.resource_monitor import CaseUsage, peak_rss_mb, reset_peak_rss
+from panseg.training.checkpoint import load_checkpoint
 
 OUTPUT_SUFFIX = ".nii.gz"
 CSV_NAME = "predictions.csv"

@@ -3,7 +3,7 @@
 The paper's organ interference needs organ labels 1-13 on every tumor case, and FLARE 2024 ships none:
 the authors trained an organ model on FLARE 2022 and ran it over their tumor cases. This module runs
 such a model (a run trained on a store made with `panseg preprocess --task organs`) over a folder of
-CTs with the same Ray Data machinery as `panseg predict` (`infer_folder.plan_folder` / `run_cases`):
+CTs with the same Ray Data machinery as `panseg predict` (`infer.plan_folder` / `run_cases`):
 
 - each case's mask holds every organ id (0-13) in that CT's own grid and is written atomically to
   `OUTPUT/<case>.nii.gz`, which is what `panseg preprocess` reads from `RAW/organsTr`;
@@ -27,10 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
-from panseg.checkpoint import load_checkpoint
 from panseg.config import ORGAN_IDS, ORGAN_NAMES, InferConfig, to_dict
-from panseg.infer_folder import CSV_COLUMNS, plan_folder, read_csv_rows, run_cases, write_csv_rows
+from panseg.infer import CSV_COLUMNS, plan_folder, read_csv_rows, run_cases, write_csv_rows
 from panseg.io import ImageReadError, Volume, read_volume
+from panseg.training.checkpoint import load_checkpoint
 
 CSV_NAME = "pseudolabels.csv"
 VOLUME_COLUMNS = tuple(f"{name}_ml" for name in ORGAN_NAMES)
@@ -165,7 +165,7 @@ def pseudolabel_folder(model_path: str | Path, input_dir: str | Path, output_dir
             made with `--task organs`.
         input_dir: folder of CTs named `<case>_0000.<nii.gz|nii|mha|nrrd>`, e.g. RAW/imagesTr.
         output_dir: e.g. RAW/organsTr; masks and pseudolabels.csv go there (resumable).
-        address, num_cpus, use_gpu, progress, infer: as for `infer_folder.predict_folder`.
+        address, num_cpus, use_gpu, progress, infer: as for `infer.predict_folder`.
         factor: the plausibility factor of the volume rule.
 
     Returns:

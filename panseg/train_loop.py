@@ -19,6 +19,7 @@ import csv
 import json
 import math
 import os
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,18 +28,91 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from panseg.checkpoint import TrainingState, latest_checkpoint, load_checkpoint, save_checkpoint
 from panseg.config import TUMOR_ID, PansegConfig, TrainConfig, config_from_json, config_to_json
-from panseg.sampling import PatchSampler
-from panseg.training_parts import (
+from panseg.training.checkpoint import TrainingState, latest_checkpoint, load_checkpoint, save_checkpoint
+from panseg.training.parts import (
     Session,
     build_training_parts,
     lr_at_epoch,
     make_model,
-    make_session,
     selection_metric,
     validate,
 )
+from panseg.training.sampling import PatchSampler
+
+
+# ----------------------------------------------------------------------------------------------
+# Where the loop runs under Ray Train (the local Session is in panseg.training.parts)
+# ----------------------------------------------------------------------------------------------
+
+
+class RayTrainSession(Session):
+    """A Ray Train worker: DDP through Ray's process group, reports through `ray.train.report`."""
+
+    def __init__(self) -> None:
+        import ray
+        import ray.train
+        import ray.train.torch
+
+        context = ray.train.get_context()
+        self.rank = context.get_world_rank()
+        self.world_size = context.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.node_id = ray.get_runtime_context().get_node_id()
+        group = ray.util.get_current_placement_group()
+        self.placement_group_id = group.id.hex() if group is not None else None
+        self._restored_dir: tempfile.TemporaryDirectory | None = None
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        import ray.train.torch
+
+        if self.world_size == 1:
+            return model
+        # Without deep supervision the lower heads get no gradient; DDP must be told.
+        unused = not getattr(model, "deep_supervision", True)
+        return ray.train.torch.prepare_model(model, move_to_device=False,
+                                             parallel_strategy_kwargs={"find_unused_parameters": unused})
+
+    def barrier(self) -> None:
+        if self.world_size > 1 and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+
+    def all_reduce_sum(self, values: list[float]) -> list[float]:
+        if self.world_size == 1 or not torch.distributed.is_initialized():
+            return values
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(tensor)
+        return tensor.tolist()
+
+    def report(self, metrics: dict, checkpoint_dir: Path | None) -> None:
+        import ray.train
+
+        if self.rank == 0:
+            super().report(metrics, checkpoint_dir)
+        checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+    def restart_checkpoint(self) -> Path | None:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        self._restored_dir = tempfile.TemporaryDirectory(prefix="panseg-restore-")
+        return Path(checkpoint.to_directory(self._restored_dir.name))
+
+
+def make_session(run_dir: str) -> Session:
+    """A Ray Train session inside a Ray Train worker, else a local one."""
+    try:
+        import ray.train
+
+        ray.train.get_context().get_world_rank()
+        in_ray_train = True
+    except Exception:  # not inside a TorchTrainer worker
+        in_ray_train = False
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    return RayTrainSession() if in_ray_train else Session()
 
 
 @dataclass(frozen=True)
@@ -283,7 +357,7 @@ def load_or_create_split(store: str, split_file: str | Path, val_fraction: float
     Raises:
         ValueError: too few labelled cases, or the file names cases the store lacks.
     """
-    from panseg.store import read_manifest
+    from panseg.store.zarr_store import read_manifest
 
     ok = sorted(r["case_id"] for r in read_manifest(store) if r["status"] == "ok")
     path = Path(split_file)
@@ -328,7 +402,7 @@ def resolve_config(cfg: PansegConfig, store: str) -> PansegConfig:
     Raises:
         ValueError: a patch size the network cannot take.
     """
-    from panseg.store import read_store_config
+    from panseg.store.zarr_store import read_store_config
 
     store_cfg = read_store_config(store)
     if store_cfg != cfg.preprocess:
@@ -412,5 +486,5 @@ def _check_cluster_fits(num_workers: int, use_gpu: bool, cpus_per_worker: float)
                       "Use fewer --workers or a smaller --cpus-per-worker, drop --gpu, or add nodes.")
 
 
-__all__ = ["TrainJob", "load_or_create_split", "make_job", "read_metrics", "resolve_config", "summarize_run",
-           "train_distributed", "train_local", "train_loop_per_worker"]
+__all__ = ["RayTrainSession", "TrainJob", "load_or_create_split", "make_job", "make_session", "read_metrics",
+           "resolve_config", "summarize_run", "train_distributed", "train_local", "train_loop_per_worker"]

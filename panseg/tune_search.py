@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from panseg.config import ConfigError, PansegConfig, SearchDim, TuneConfig, config_from_json, config_to_json, merge
-from panseg.training_parts import Session
+from panseg.training.parts import Session
 
 # ----------------------------------------------------------------------------------------------
 # Pure parts
@@ -256,8 +256,8 @@ def _run_trial(params: dict, *, base_json: str, store: str, sweep_dir: str) -> N
     import torch
     from ray import tune
 
-    from panseg.checkpoint import latest_checkpoint
     from panseg.train_loop import make_job, train_distributed, train_loop_per_worker
+    from panseg.training.checkpoint import latest_checkpoint
 
     cfg = trial_config(config_from_json(base_json), params)
     run_dir = Path(sweep_dir) / "trials" / tune.get_context().get_trial_id()

@@ -22,7 +22,7 @@ def ray_local():
 @pytest.fixture(scope="session")
 def small_cohort(tmp_path_factory):
     """6 diseased + 2 healthy small phantom cases with complete truth labels."""
-    from panseg.phantom import write_cohort
+    from panseg.phantom.cohort import write_cohort
 
     root = tmp_path_factory.mktemp("cohort")
     write_cohort(root / "raw", cases=6, healthy=2, seed=0, small=True, truth_dir=root / "truth")

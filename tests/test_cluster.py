@@ -111,7 +111,7 @@ def test_preprocessing_a_case_larger_than_any_node_is_refused_at_once(ray_local,
     from panseg import data_pipeline
     from panseg.cluster import ClusterResourcesError
     from panseg.config import preset
-    from panseg.store import list_complete_cases
+    from panseg.store.zarr_store import list_complete_cases
 
     monkeypatch.setattr(data_pipeline, "task_memory_bytes", lambda cases: 1000 * GiB)  # as a huge cohort's headers
     started = time.perf_counter()
@@ -139,7 +139,7 @@ def cluster(tmp_path_factory):
     """
     from cluster_fixture import start_cluster
 
-    from panseg.phantom import write_cohort
+    from panseg.phantom.cohort import write_cohort
 
     data = tmp_path_factory.mktemp("cluster_data")
     write_cohort(data / "raw", cases=4, healthy=1, seed=0, small=True)
@@ -167,7 +167,7 @@ def _job_output(result) -> str:
 @pytest.mark.ray
 @pytest.mark.slow
 def test_preprocess_job_spreads_cases_over_both_nodes(cluster):
-    from panseg.store import read_manifest
+    from panseg.store.zarr_store import read_manifest
 
     running, data = cluster
     nodes = _node_ids(running)
@@ -208,9 +208,9 @@ def test_train_job_puts_a_worker_on_each_node_and_survives_losing_one(cluster):
     finishes with nothing in the store or the run directory corrupt."""
     from ray.job_submission import JobSubmissionClient
 
-    from panseg.checkpoint import load_checkpoint
     from panseg.config import load_config
-    from panseg.store import read_case, read_manifest
+    from panseg.store.zarr_store import read_case, read_manifest
+    from panseg.training.checkpoint import load_checkpoint
 
     running, data = cluster
     store, run = data / "store.zarr", data / "run"
@@ -274,7 +274,7 @@ def test_predict_job_writes_masks_to_the_shared_output(cluster):
 
     import SimpleITK as sitk
 
-    from panseg.infer_folder import read_csv_rows
+    from panseg.infer import read_csv_rows
 
     running, data = cluster
     run = data / "run"

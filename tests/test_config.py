@@ -123,7 +123,7 @@ def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
 
 def test_the_demo_recipe_decays_its_learning_rate_over_the_epochs_its_minutes_hold():
     from panseg.demo import EPOCHS_PER_MINUTE, demo_config
-    from panseg.training_parts import lr_at_epoch
+    from panseg.training.parts import lr_at_epoch
 
     cfg = demo_config(minutes=5.0)
     assert cfg.train.epochs == round(5.0 * EPOCHS_PER_MINUTE) and cfg.train.time_limit_minutes == 5.0

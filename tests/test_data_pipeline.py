@@ -16,10 +16,10 @@ import SimpleITK as sitk
 from panseg.config import ORGAN_IDS, TUMOR_ID, preset
 from panseg.data_pipeline import format_summary, run_preprocessing
 from panseg.io import read_volume
-from panseg.phantom import make_case
-from panseg.phantom_shapes import Tissue
-from panseg.preprocess import scale_to_unit
-from panseg.store import list_complete_cases, read_case, read_manifest
+from panseg.phantom.cohort import make_case
+from panseg.phantom.shapes import Tissue
+from panseg.preprocessing.case import scale_to_unit
+from panseg.store.zarr_store import list_complete_cases, read_case, read_manifest
 
 pytestmark = pytest.mark.ray
 TINY = preset("tiny").preprocess

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from panseg.checkpoint import TrainingState, load_checkpoint, save_checkpoint
 from panseg.config import ORGAN_NAMES, build_config, label_names
 from panseg.io import Volume, read_geometry, read_volume
 from panseg.pseudolabel import (CSV_NAME, cohort_ranges, implausible_cases, mean_by_organ, organ_dice,
                                 organ_volumes_ml, pseudolabel_folder, read_qa_rows)
-from panseg.training_parts import make_loss, make_model, selection_metric
+from panseg.training.checkpoint import TrainingState, load_checkpoint, save_checkpoint
+from panseg.training.parts import make_loss, make_model, selection_metric
 
 # ----------------------------------------------------------------------------------------------
 # QA and the plausibility rule (pure)
@@ -87,7 +87,7 @@ def test_organ_dice_by_name():
 def organ_store(ray_local, tmp_path_factory):
     """A 4-case phantom organ cohort preprocessed with `--task organs` (tiny preset)."""
     from panseg.data_pipeline import run_preprocessing
-    from panseg.phantom import write_cohort
+    from panseg.phantom.cohort import write_cohort
 
     root = tmp_path_factory.mktemp("organs")
     write_cohort(root / "raw", cases=3, healthy=1, seed=7, small=True, organ_cohort=True)
@@ -98,8 +98,8 @@ def organ_store(ray_local, tmp_path_factory):
 
 
 def test_organ_store_records_the_task_and_trains_uniform_over_organs(organ_store):
-    from panseg.sampling import PatchSampler
-    from panseg.store import open_store, read_manifest
+    from panseg.store.zarr_store import open_store, read_manifest
+    from panseg.training.sampling import PatchSampler
 
     store = str(organ_store / "organs.zarr")
     attrs = open_store(store).attrs
@@ -210,7 +210,7 @@ def test_killed_pseudolabel_resumes_with_only_the_missing_cases(ray_local, small
 @pytest.mark.slow
 def test_tiny_two_stage_demo_trains_the_tumor_model_on_pseudo_labels(ray_local, tmp_path, capsys):
     from panseg.demo import run_two_stage_demo
-    from panseg.store import case_attrs, open_store, read_case, read_manifest
+    from panseg.store.zarr_store import case_attrs, open_store, read_case, read_manifest
 
     paths = run_two_stage_demo(tmp_path / "demo", cases=3, healthy=0, organ_cases=3, seed=0, organ_epochs=1,
                                organ_iterations_per_epoch=2, epochs=1, iterations_per_epoch=2)

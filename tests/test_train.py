@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from panseg.checkpoint import load_checkpoint
 from panseg.config import build_config
 from panseg.train_loop import load_or_create_split, make_job, train_distributed, train_local
-from panseg.training_parts import build_training_parts, lr_at_epoch, training_memory_format
+from panseg.training.checkpoint import load_checkpoint
+from panseg.training.parts import build_training_parts, lr_at_epoch, training_memory_format
 
 
 def _cfg(*overrides):

@@ -14,9 +14,9 @@ Healthy cases are those in `healthy_ids`, or when not given, those whose ground 
 false-positive rate is the share of healthy cases whose (readable, on-grid) prediction has any lesion
 voxel. DSC and NSD summaries are over every ground-truth case, healthy ones included (as the FLARE
 rules score them: 1/1 for an empty prediction). When `pred_dir/predictions.csv` (from
-`panseg.infer_folder`) is present, inference time and GPU memory-time area are summarised too.
+`panseg.infer`) is present, inference time and GPU memory-time area are summarised too.
 
-Kept out of `panseg.metrics` (pure array scores) to keep that module small; it imports panseg.io.
+Kept out of `panseg.evaluation.metrics` (pure array scores) to keep that module small; it imports panseg.io.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from panseg.evaluation.metrics import FLARE_TOLERANCE_MM, Summary, false_positive_rate, flare_case_scores, summarize
 from panseg.io import ImageReadError, Volume, read_volume, strip_image_suffix
-from panseg.metrics import FLARE_TOLERANCE_MM, Summary, false_positive_rate, flare_case_scores, summarize
 
 ROW_COLUMNS = ("case_id", "dsc", "nsd", "rule", "healthy", "false_positive", "error")
 

@@ -32,7 +32,7 @@ from typing import Literal
 import numpy as np
 from scipy import ndimage
 
-from panseg.crop import mask_bbox
+from panseg.preprocessing.crop import mask_bbox
 
 FLARE_TOLERANCE_MM = 2.0  # FLARE 2024 Task 1: lesion NSD tolerance
 FLARE_MIN_DSC_FOR_NSD = 0.2  # organisers: NSD only when not (DSC < 0.2)

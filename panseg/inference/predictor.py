@@ -14,7 +14,7 @@ config (`cfg.preprocess`):
    origin and direction.
 
 `Predictor` ties them together around a model loaded once (`load_predictor`); `predict_case` adds
-file I/O and per-case costs. Folder prediction with Ray lives in `panseg.infer_folder`.
+file I/O and per-case costs. Folder prediction with Ray lives in `panseg.infer`.
 """
 
 from __future__ import annotations
@@ -28,14 +28,14 @@ from typing import Callable
 import numpy as np
 import torch
 
-from panseg.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint_file
 from panseg.config import TUMOR_ID, InferConfig, PansegConfig, PreprocessConfig
-from panseg.crop import Box, choose_crop
+from panseg.inference.resource_monitor import CaseUsage
+from panseg.inference.sliding_window import sliding_window_logits
 from panseg.io import Geometry, ImageReadError, Volume, read_volume, strip_image_suffix, write_volume
-from panseg.preprocess import CaseError, clip_hu, crop_volume, resample_to_geometry, resample_volume
-from panseg.resource_monitor import CaseUsage
-from panseg.sliding_window import sliding_window_logits
-from panseg.training_parts import make_model, num_classes_of
+from panseg.preprocessing.case import CaseError, clip_hu, crop_volume, resample_to_geometry, resample_volume
+from panseg.preprocessing.crop import Box, choose_crop
+from panseg.training.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint_file
+from panseg.training.parts import make_model, num_classes_of
 
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]  # (1, 1, D, H, W) in [0, 1] -> (K, D, H, W) logits
 _ARGMAX_SLAB = 16  # z-slices per argmax: bounds the int64 temporary to a few MB

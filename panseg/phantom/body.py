@@ -1,6 +1,6 @@
 """The phantom's body wall, scanner table and skeleton, painted on a `Canvas` in tissue codes.
 
-All numbers are adult-sized millimetres in body coordinates (see `phantom_shapes`): X to the
+All numbers are adult-sized millimetres in body coordinates (see `shapes`): X to the
 patient's left, Y posterior, Z up from mid-thigh; a case multiplies them by its `scale`. The body is
 nested ellipses per slice (skin/fat, muscle, cavity), the legs two such ellipses below the crotch.
 The table lies posterior of the body (larger Y) behind a gap of air or mattress, so at HU > 50 it is
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .phantom_shapes import Canvas, Tissue, ellipsoid, ring_band, smooth_noise, tube
+from panseg.phantom.shapes import Canvas, Tissue, ellipsoid, ring_band, smooth_noise, tube
 
 CROTCH_Z = 110.0  # below: two legs; above: the torso
 PELVIC_FLOOR_Z = 135.0  # between crotch and this, the torso's core is muscle, not fat

@@ -4,13 +4,13 @@ A case is an int16 HU volume from the thighs to the neck (or the trunk, for thin
 with a body (fat, muscle, lungs, spine, ribs, pelvis), the 13 FLARE22 organs, a scanner table behind
 the body that is never connected to it above 50 HU, lesion-like distractors that are not lesions, and
 in diseased cases 1-4 lesions of which only the largest is labelled (FLARE 2024's partial labels).
-Organ pseudo-labels are close to, not equal to, the true organs. See `phantom_plan` for the two kinds
+Organ pseudo-labels are close to, not equal to, the true organs. See `plan` for the two kinds
 of case (largest HU > 50 component body-sized, or a single small structure).
 
 Conventions. Anatomy is painted in a canonical frame: array (z, y, x) with z from feet to head, y from
 front (anterior) to back (posterior), x from the patient's right to left, i.e. ITK's LPS with an
 identity direction; the table is posterior (larger y). Cases are written in one of three orientations
-(`phantom_plan.ORIENTATIONS`): LPS as painted; RAS, the y and x axes reversed with direction
+(`plan.ORIENTATIONS`): LPS as painted; RAS, the y and x axes reversed with direction
 diag(-1, -1, 1) (what a file stored in RAS order reads as), so the table is at small y there; tilted, a
 rotation of a few degrees. The physical position of every voxel is always what the direction says.
 
@@ -34,13 +34,14 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
-from .io import Volume, validate_case_id, write_volume
-from .phantom_body import paint_body, paint_outside_fov, paint_pelvis_and_femurs, paint_ribs, paint_spine, paint_table
-from .phantom_lesions import PaintedLesion, lesion_volumes, place_lesions, pseudo_organs
-from .phantom_organs import paint_cysts, paint_organs
-from .phantom_plan import ORIENTATIONS, CasePlan, plan_case
-from .phantom_shapes import Canvas, Tissue
+from panseg import __version__
+from panseg.io import Volume, validate_case_id, write_volume
+from panseg.phantom.body import (paint_body, paint_outside_fov, paint_pelvis_and_femurs, paint_ribs, paint_spine,
+                                 paint_table)
+from panseg.phantom.lesions import PaintedLesion, lesion_volumes, place_lesions, pseudo_organs
+from panseg.phantom.organs import paint_cysts, paint_organs
+from panseg.phantom.plan import ORIENTATIONS, CasePlan, plan_case
+from panseg.phantom.shapes import Canvas, Tissue
 
 PHANTOM_FORMAT_VERSION = 1
 LESION_COUNT_WEIGHTS = (0.35, 0.3, 0.2, 0.15)  # 1, 2, 3 or 4 lesions in a diseased case
@@ -79,9 +80,9 @@ class PhantomCase:
     Attributes:
         ct: int16 HU. organs_true / organs_pseudo: uint8 ids 0-13 (a lesion inside an organ is that
         organ in both). lesions_true: uint8 0/1, every lesion. lesions_labelled: uint8 0/1, the
-        primary lesion only. tissue: uint8 `phantom_shapes.Tissue` codes (lesion k is LESION + k).
+        primary lesion only. tissue: uint8 `shapes.Tissue` codes (lesion k is LESION + k).
         lesions: every lesion, `primary` the index of the labelled one (None when healthy).
-        kind: 'connected' or 'weak' (see `phantom_plan`). cysts: distractor cysts (not lesions).
+        kind: 'connected' or 'weak' (see `plan`). cysts: distractor cysts (not lesions).
     """
 
     case_id: str

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .phantom_body import SPINE_BOTTOM_Z, spine_at
-from .phantom_organs import ORGAN_ID, Layout
-from .phantom_shapes import (Box, Canvas, Tissue, dilate6, ellipsoid, erode6, grow_box, smooth_noise)
+from panseg.phantom.body import SPINE_BOTTOM_Z, spine_at
+from panseg.phantom.organs import ORGAN_ID, Layout
+from panseg.phantom.shapes import (Box, Canvas, Tissue, dilate6, ellipsoid, erode6, grow_box, smooth_noise)
 
 MIN_LESION_VOXELS = 8
 

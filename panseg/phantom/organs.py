@@ -1,7 +1,7 @@
 """The phantom's thoracic and abdominal contents: lungs, heart, the 13 FLARE22 organs, vessels, and
 lesion-like distractors (bowel loops, bladder, small vessels, cysts) that are not lesions.
 
-Coordinates are adult body millimetres (see `phantom_body`), multiplied by the case's scale. Each
+Coordinates are adult body millimetres (see `body`), multiplied by the case's scale. Each
 organ is painted only where the cavity's contents are (never into the body wall or bone), in an order
 that lets later organs press into earlier ones, as neighbouring organs do.
 """
@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import ORGAN_IDS, ORGAN_NAMES
-from .phantom_shapes import Canvas, Tissue, ellipsoid, tube
+from panseg.config import ORGAN_IDS, ORGAN_NAMES
+from panseg.phantom.shapes import Canvas, Tissue, ellipsoid, tube
 
 ORGAN_ID = dict(zip(ORGAN_NAMES, ORGAN_IDS))
 

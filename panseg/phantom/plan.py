@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .phantom_body import TORSO_PROFILE, back_y
-from .phantom_shapes import Tissue
+from panseg.phantom.body import TORSO_PROFILE, back_y
+from panseg.phantom.shapes import Tissue
 
 ORIENTATIONS = ("LPS", "RAS", "tilted")  # identity; x and y flipped (a RAS-stored file); small rotation
 KINDS = ("connected", "weak")

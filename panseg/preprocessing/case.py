@@ -3,8 +3,8 @@
 Pure functions (no Ray). The order follows the paper and its released code: the crop is decided on
 the original grid (raw HU), the crop is resampled to the target spacing (image cubic, label nearest),
 then clipped to cfg.clip_hu and stored as int16 HU; scaling to [0, 1] happens on read
-(`scale_to_unit`). The crop lives in `panseg.crop`, the resamplers in `panseg.resample`; both are
-re-exported here.
+(`scale_to_unit`). The crop lives in `panseg.preprocessing.crop`, the resamplers in
+`panseg.preprocessing.resample`; both are re-exported here.
 
 Every problem with a case raises `CaseError`, which names the case, so a pipeline can record it and go on.
 """
@@ -18,10 +18,10 @@ import numpy as np
 
 from panseg import __version__
 from panseg.config import ORGAN_IDS, TUMOR_ID, PreprocessConfig
-from panseg.crop import (Box, CropDecision, above_threshold, choose_crop, grow_to_labels, largest_component_bbox,
-                         mask_bbox, threshold_bbox)
 from panseg.io import CaseFiles, Geometry, ImageReadError, Volume, read_volume, validate_case_id
-from panseg.resample import resample_to_geometry, resample_volume, resampled_geometry
+from panseg.preprocessing.crop import (Box, CropDecision, above_threshold, choose_crop, grow_to_labels,
+                                       largest_component_bbox, mask_bbox, threshold_bbox)
+from panseg.preprocessing.resample import resample_to_geometry, resample_volume, resampled_geometry
 
 _SLAB = 16  # z-slices per chunk of element-wise work: bounds temporaries to a few MB
 

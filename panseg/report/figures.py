@@ -1,7 +1,7 @@
 """The report's figures: where to cut a case, which way up to show it, and PNGs rendered with matplotlib.
 
 Pure: numpy, cc3d and matplotlib's Agg canvas (no pyplot, so no global state and no display).
-Arrays are (z, y, x) as `panseg.io` reads them; boxes are `panseg.crop.Box`es in the same voxels.
+Arrays are (z, y, x) as `panseg.io` reads them; boxes are `panseg.preprocessing.crop.Box`es in the same voxels.
 
 Views read the way radiologists read them: axial with the patient's front up and the patient's right
 on the left of the image, coronal and sagittal with the head up. An array whose direction is an axis
@@ -29,7 +29,7 @@ try:
 except ImportError as err:  # an optional dependency: say how to get it
     raise ImportError(f"the panseg report needs matplotlib ({err}): pip install 'panseg[viz]'") from err
 
-from panseg.crop import Box, mask_bbox
+from panseg.preprocessing.crop import Box, mask_bbox
 
 WINDOW_HU = (-160.0, 240.0)  # the paper's clip range: soft tissue and lesions stay distinguishable
 TRUTH_COLOR = "#22c55e"  # green fill

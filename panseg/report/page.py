@@ -11,10 +11,10 @@ Inputs (each optional, but a run or a prediction folder is needed):
                  was predicted with
     images_dir   <case>_0000.nii.gz CTs (as `panseg predict --input`) -> the overlays
     gt_dir       <case>.nii.gz ground truth -> the overlays and, with pred_dir, the metrics
-                 (`panseg.evaluation.evaluate_folders`)
+                 (`panseg.evaluation.folders.evaluate_folders`)
     metrics_csv  a per-case CSV from `panseg evaluate --out`, used instead of evaluating again
 
-Pure: no Ray, no torch. Figures are in `panseg.report_figures`.
+Pure: no Ray, no torch. Figures are in `panseg.report.figures`.
 """
 
 from __future__ import annotations
@@ -33,13 +33,13 @@ from typing import Literal
 
 import numpy as np
 
-from panseg.crop import Box, choose_crop
 from panseg.config import PreprocessConfig, load_config, preset
-from panseg.evaluation import evaluate_folders, format_table, mask_files
+from panseg.evaluation.folders import evaluate_folders, format_table, mask_files
 from panseg.io import ImageReadError, Volume, discover_cohort, read_volume
-from panseg.report_figures import CaseView, display_flips, pick_slice_point, render_case_png, render_curves_png
+from panseg.preprocessing.crop import Box, choose_crop
+from panseg.report.figures import CaseView, display_flips, pick_slice_point, render_case_png, render_curves_png
 
-PREDICTIONS_CSV = "predictions.csv"  # panseg.infer_folder.CSV_NAME (not imported: that module imports torch)
+PREDICTIONS_CSV = "predictions.csv"  # panseg.infer.CSV_NAME (not imported: that module imports torch)
 DEFAULT_MAX_CASES = 60  # a PNG is ~30-80 kB; 60 cases keep the page a few MB
 _POINT_CAPTIONS = {
     "truth_lesion": "planes through the largest ground-truth lesion",

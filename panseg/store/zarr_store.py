@@ -6,7 +6,7 @@ Layout (DESIGN.md, "The preprocessed store"):
     STORE.zarr/cases/<case_id>/image     int16 HU (z, y, x), chunks cfg.chunk_zyx, one shard (= one file)
     STORE.zarr/cases/<case_id>/label     uint8 fused labels (absent for an unlabelled case)
     STORE.zarr/cases/<case_id>/locations/<class_id>   int32 (n, 3) voxel coordinates
-                                         case attrs: `preprocess.PreprocessedCase.attrs`
+                                         case attrs: `preprocessing.case.PreprocessedCase.attrs`
     STORE.zarr/manifest.parquet          one row per input case (MANIFEST_SCHEMA)
     STORE.zarr/.staging/                 cases being written; never read
 
@@ -44,7 +44,7 @@ from zarr.codecs import BloscCodec
 from panseg import __version__
 from panseg.config import PreprocessConfig, from_dict, label_names, to_dict
 from panseg.io import validate_case_id
-from panseg.shard_reader import box_reader
+from panseg.store.shard_reader import box_reader
 
 STORE_FORMAT = "panseg-store"
 STORE_FORMAT_VERSION = 1
@@ -188,7 +188,7 @@ def write_case(store_path: str | os.PathLike, case: Any) -> int:
 
     Args:
         store_path: a store made by `create_store` on a local or shared POSIX file system.
-        case: a `preprocess.PreprocessedCase` (case_id, status, image, label, locations, attrs).
+        case: a `preprocessing.case.PreprocessedCase` (case_id, status, image, label, locations, attrs).
 
     Returns:
         Bytes the case occupies on disk.

@@ -3,12 +3,13 @@ loss, optimiser, augmentation), the learning-rate schedule, and validation by sl
 
 A `Session` hides whether the loop runs in one local process or as a Ray Train worker: rank, world
 size, device, wrapping the model for DDP, a barrier, reporting, and the checkpoint Ray Train hands a
-restarted worker. Nothing here starts Ray.
+restarted worker. `Session` here is the local one; the Ray Train worker's (`RayTrainSession`) lives
+in the Ray Train shell, `panseg.train_loop`, and a Tune trial's in `panseg.tune_search`. Nothing here
+imports Ray.
 """
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -16,13 +17,13 @@ from typing import Callable
 import numpy as np
 import torch
 
-from panseg.augment import augment_batch
 from panseg.config import TUMOR_ID, PansegConfig, TrainConfig, label_names
-from panseg.losses import DeepSupervisionLoss, DiceCELoss, class_weights, deep_supervision_weights
-from panseg.metrics import flare_case_scores
-from panseg.model import build_model
-from panseg.sliding_window import sliding_window_logits
-from panseg.store import read_case
+from panseg.evaluation.metrics import flare_case_scores
+from panseg.inference.sliding_window import sliding_window_logits
+from panseg.store.zarr_store import read_case
+from panseg.training.augment import augment_batch
+from panseg.training.losses import DeepSupervisionLoss, DiceCELoss, class_weights, deep_supervision_weights
+from panseg.training.model import build_model
 
 # ----------------------------------------------------------------------------------------------
 # Sessions
@@ -56,75 +57,6 @@ class Session:
 
     def restart_checkpoint(self) -> Path | None:
         return None
-
-
-class RayTrainSession(Session):
-    """A Ray Train worker: DDP through Ray's process group, reports through `ray.train.report`."""
-
-    def __init__(self) -> None:
-        import ray
-        import ray.train
-        import ray.train.torch
-
-        context = ray.train.get_context()
-        self.rank = context.get_world_rank()
-        self.world_size = context.get_world_size()
-        self.device = ray.train.torch.get_device()
-        self.node_id = ray.get_runtime_context().get_node_id()
-        group = ray.util.get_current_placement_group()
-        self.placement_group_id = group.id.hex() if group is not None else None
-        self._restored_dir: tempfile.TemporaryDirectory | None = None
-
-    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        import ray.train.torch
-
-        if self.world_size == 1:
-            return model
-        # Without deep supervision the lower heads get no gradient; DDP must be told.
-        unused = not getattr(model, "deep_supervision", True)
-        return ray.train.torch.prepare_model(model, move_to_device=False,
-                                             parallel_strategy_kwargs={"find_unused_parameters": unused})
-
-    def barrier(self) -> None:
-        if self.world_size > 1 and torch.distributed.is_initialized():
-            torch.distributed.barrier()
-
-    def all_reduce_sum(self, values: list[float]) -> list[float]:
-        if self.world_size == 1 or not torch.distributed.is_initialized():
-            return values
-        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
-        torch.distributed.all_reduce(tensor)
-        return tensor.tolist()
-
-    def report(self, metrics: dict, checkpoint_dir: Path | None) -> None:
-        import ray.train
-
-        if self.rank == 0:
-            super().report(metrics, checkpoint_dir)
-        checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=checkpoint)
-
-    def restart_checkpoint(self) -> Path | None:
-        import ray.train
-
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            return None
-        self._restored_dir = tempfile.TemporaryDirectory(prefix="panseg-restore-")
-        return Path(checkpoint.to_directory(self._restored_dir.name))
-
-
-def make_session(run_dir: str) -> Session:
-    """A Ray Train session inside a Ray Train worker, else a local one."""
-    try:
-        import ray.train
-
-        ray.train.get_context().get_world_rank()
-        in_ray_train = True
-    except Exception:  # not inside a TorchTrainer worker
-        in_ray_train = False
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
-    return RayTrainSession() if in_ray_train else Session()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -264,7 +196,7 @@ def validate(model: torch.nn.Module, cfg: PansegConfig, store: str, val_ids: lis
 
 def _mean_organ_dice(prediction: np.ndarray, label: np.ndarray) -> float:
     """Mean Dice of the organ classes (1-13) present in the label."""
-    from panseg.metrics import dice
+    from panseg.evaluation.metrics import dice
 
     present = [c for c in np.unique(label) if 0 < c < TUMOR_ID]
     return float(np.mean([dice(prediction == c, label == c) for c in present])) if present else 1.0

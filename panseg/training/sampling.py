@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from panseg.store import StoredCase, open_case, read_locations, read_manifest
+from panseg.store.zarr_store import StoredCase, open_case, read_locations, read_manifest
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Tests of panseg.metrics: hand-checkable DSC/NSD, the FLARE rules, agreement with DeepMind's package."""
+"""Tests of panseg.evaluation.metrics: hand-checkable DSC/NSD, the FLARE rules, agreement with DeepMind's package."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from panseg import metrics
-from panseg.metrics import CaseScores, Summary
+from panseg.evaluation import metrics
+from panseg.evaluation.metrics import CaseScores, Summary
 
 # DeepMind's package calls scipy.ndimage.filters.* (deprecated namespace). It also uses np.Inf,
 # removed in numpy 2, but only when a mask is empty, which these tests never hand it.

@@ -16,18 +16,18 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from panseg.checkpoint import CheckpointError, TrainingState, save_checkpoint
 from panseg.config import TUMOR_ID, InferConfig, preset
-from panseg.crop import mask_bbox
-from panseg.evaluation import evaluate_folders, format_table, write_csv
-from panseg.infer import (PreparedCase, Predictor, argmax_uint8, load_predictor, predict_array, predict_case,
-                          prepare_volume)
-from panseg.infer_folder import CSV_NAME, plan_actors, predict_folder, read_csv_rows
+from panseg.evaluation.folders import evaluate_folders, format_table, write_csv
+from panseg.evaluation.metrics import dice
+from panseg.infer import CSV_NAME, plan_actors, predict_folder, read_csv_rows
+from panseg.inference.predictor import (PreparedCase, Predictor, argmax_uint8, load_predictor, predict_array,
+                                        predict_case, prepare_volume)
+from panseg.inference.resource_monitor import MemoryTimeMonitor
 from panseg.io import Volume, read_geometry, read_volume, write_volume
-from panseg.metrics import dice
-from panseg.preprocess import CaseError, crop_volume, resample_volume
-from panseg.resource_monitor import MemoryTimeMonitor
-from panseg.training_parts import make_model, num_classes_of
+from panseg.preprocessing.case import CaseError, crop_volume, resample_volume
+from panseg.preprocessing.crop import mask_bbox
+from panseg.training.checkpoint import CheckpointError, TrainingState, save_checkpoint
+from panseg.training.parts import make_model, num_classes_of
 
 SPACING = (4.5, 2.9, 3.1)  # (z, y, x) mm
 SHAPE = (40, 64, 72)

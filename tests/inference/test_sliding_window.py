@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from panseg.sliding_window import gaussian_importance, sliding_window_logits, window_starts
+from panseg.inference.sliding_window import gaussian_importance, sliding_window_logits, window_starts
 
 
 class PlusOne(torch.nn.Module):
@@ -95,7 +95,7 @@ def test_fixed_batch_fills_the_last_pass_and_changes_no_logit():
 
 def test_a_compiled_network_predicts_what_the_eager_one_does():
     from panseg.config import InferConfig
-    from panseg.infer import NetworkLogits
+    from panseg.inference.predictor import NetworkLogits
 
     model = BatchSizes().eval()
     image = torch.rand(1, 1, 12, 20, 20)

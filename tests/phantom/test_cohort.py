@@ -18,8 +18,8 @@ import SimpleITK as sitk
 
 from panseg.config import ORGAN_IDS
 from panseg.io import discover_cohort, read_volume
-from panseg.phantom import cohort_jobs, make_case, write_cohort
-from panseg.phantom_shapes import Tissue
+from panseg.phantom.cohort import cohort_jobs, make_case, write_cohort
+from panseg.phantom.shapes import Tissue
 
 SEED = 7
 BODY_TISSUES = [t for t in Tissue if Tissue.FAT <= t < Tissue.LESION and t not in (Tissue.LUNG, Tissue.GAS)]

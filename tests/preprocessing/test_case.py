@@ -12,8 +12,8 @@ import SimpleITK as sitk
 
 from panseg.config import TUMOR_ID, PreprocessConfig
 from panseg.io import CaseFiles, Volume, to_sitk, write_volume
-from panseg.preprocess import (Box, CaseError, class_locations, clip_hu, crop_volume, fuse_labels,
-                               geometry_from_attrs, preprocess_case, scale_to_unit)
+from panseg.preprocessing.case import (Box, CaseError, class_locations, clip_hu, crop_volume, fuse_labels,
+                                       geometry_from_attrs, preprocess_case, scale_to_unit)
 
 SHAPE = (40, 60, 60)
 SPACING = (2.5, 0.8, 0.8)

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from panseg.config import PreprocessConfig
-from panseg.crop import Box, choose_crop, grow_to_labels, largest_component_bbox, mask_bbox, threshold_bbox
+from panseg.preprocessing.crop import (Box, choose_crop, grow_to_labels, largest_component_bbox, mask_bbox,
+                                       threshold_bbox)
 
 SHAPE = (40, 60, 60)
 TABLE_Y = (48, 51)  # the table lies below the body, across x, separated by air

@@ -7,7 +7,7 @@ import pytest
 import SimpleITK as sitk
 
 from panseg.io import Geometry, Volume, to_sitk
-from panseg.resample import _resample_sitk, resample_to_geometry, resample_volume, resampled_geometry
+from panseg.preprocessing.resample import _resample_sitk, resample_to_geometry, resample_volume, resampled_geometry
 
 
 def rotation_xyz(angle_z_deg: float = 30.0, angle_x_deg: float = 10.0) -> tuple[float, ...]:

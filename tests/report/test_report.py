@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 
 from panseg.config import preset, save_config
-from panseg.crop import Box
-from panseg.evaluation import evaluate_folders, write_csv
+from panseg.evaluation.folders import evaluate_folders, write_csv
 from panseg.io import Volume, read_volume, write_volume
-from panseg.report import (DEFAULT_MAX_CASES, ReportSources, build_report, input_kind, read_training_log,
-                           sources_from_paths)
-from panseg.report_figures import (PREDICTION_COLOR, TRUTH_COLOR, CaseView, SlicePoint, display_flips,
+from panseg.preprocessing.crop import Box
+from panseg.report.figures import (PREDICTION_COLOR, TRUTH_COLOR, CaseView, SlicePoint, display_flips,
                                    largest_component_point, pick_slice_point, render_case_png, render_curves_png)
+from panseg.report.page import (DEFAULT_MAX_CASES, ReportSources, build_report, input_kind, read_training_log,
+                                sources_from_paths)
 
 CHROMIUM = shutil.which("chromium")  # Debian's package: /usr/bin/chromium
 LPS = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)

@@ -10,10 +10,11 @@ import zarr
 import zarr.storage
 from zarr.codecs import BloscCodec, BytesCodec, ShardingCodec, ZstdCodec
 
-from panseg import shard_reader, store
 from panseg.config import PreprocessConfig
-from panseg.preprocess import PreprocessedCase
-from panseg.shard_reader import ShardBoxReader, box_reader
+from panseg.preprocessing.case import PreprocessedCase
+from panseg.store import shard_reader
+from panseg.store import zarr_store as store
+from panseg.store.shard_reader import ShardBoxReader, box_reader
 
 CFG = PreprocessConfig(chunk_zyx=(8, 8, 8), task="tumor")
 SHAPE = (20, 18, 30)  # 2.5 x 2.25 x 3.75 chunks of 8^3: partial edge chunks on every axis

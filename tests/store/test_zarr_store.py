@@ -11,10 +11,10 @@ import pytest
 import zarr
 from zarr.storage import LocalStore, WrapperStore
 
-from panseg import store
 from panseg.config import PreprocessConfig
 from panseg.io import CaseFiles
-from panseg.preprocess import CaseError, PreprocessedCase
+from panseg.preprocessing.case import CaseError, PreprocessedCase
+from panseg.store import zarr_store as store
 
 CFG = PreprocessConfig(chunk_zyx=(8, 8, 8), task="tumor")
 

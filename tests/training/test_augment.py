@@ -1,4 +1,4 @@
-"""Tests of panseg.augment: replay, identities, geometry of the spatial transform, intensity statistics."""
+"""Tests of panseg.training.augment: replay, identities, geometry of the spatial transform, intensity statistics."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from panseg import augment as A
 from panseg.config import AugmentConfig
+from panseg.training import augment as A
 
 SHAPE = (12, 16, 20)  # (D, H, W): small, non-cubic, so axis mix-ups show
 

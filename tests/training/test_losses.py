@@ -1,4 +1,4 @@
-"""Tests of panseg.losses against values computed by hand."""
+"""Tests of panseg.training.losses against values computed by hand."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from panseg.losses import (
+from panseg.training.losses import (
     DeepSupervisionLoss,
     DiceCELoss,
     class_weights,

@@ -1,4 +1,4 @@
-"""Tests of panseg.model: stride planning, the patch-size check, nnU-Net parity, shapes, learning."""
+"""Tests of panseg.training.model: stride planning, the patch-size check, nnU-Net parity, shapes, learning."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from panseg.config import ModelConfig
-from panseg.losses import DeepSupervisionLoss, DiceCELoss, deep_supervision_weights
-from panseg.model import (
+from panseg.training.losses import DeepSupervisionLoss, DiceCELoss, deep_supervision_weights
+from panseg.training.model import (
     UNet3D,
     build_model,
     check_patch_size,

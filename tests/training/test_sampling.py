@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import zarr
 
-from panseg import store
 from panseg.config import PreprocessConfig
-from panseg.preprocess import PreprocessedCase
-from panseg.sampling import PatchSampler, voxel_position
+from panseg.preprocessing.case import PreprocessedCase
+from panseg.store import zarr_store as store
+from panseg.training.sampling import PatchSampler, voxel_position
 
 CLIP_HU = (-160.0, 240.0)
 PATCH = (12, 10, 16)
