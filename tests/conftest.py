@@ -1,4 +1,5 @@
-"""Shared fixtures: a local Ray for the tests that need one, and small phantom cohorts."""
+"""Shared fixtures: a local Ray for the tests that need one, small phantom cohorts, and the tiny preset
+with an untrained checkpoint of its network."""
 
 import os
 
@@ -38,3 +39,24 @@ def tiny_store(ray_local, small_cohort):
     store = small_cohort / "store.zarr"
     result = run_preprocessing(small_cohort / "raw", store, preset("tiny").preprocess, progress=False)
     return small_cohort, store, result
+
+
+@pytest.fixture(scope="module")
+def tiny_cfg():
+    from panseg.config import preset
+
+    return preset("tiny")
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory, tiny_cfg):
+    """The tiny preset's network, seeded and untrained, saved as RUN/model_final."""
+    import torch
+
+    from panseg.training.checkpoint import TrainingState, save_checkpoint
+    from panseg.training.parts import make_model
+
+    torch.manual_seed(0)
+    model = make_model(tiny_cfg)
+    return save_checkpoint(TrainingState(tiny_cfg, 0, model.state_dict(), None, None),
+                           tmp_path_factory.mktemp("run") / "model_final")

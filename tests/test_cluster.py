@@ -137,7 +137,7 @@ def cluster(tmp_path_factory):
 
     Shared by the tests below, which run in order: preprocess, then train (losing a node), then refusal.
     """
-    from cluster_fixture import start_cluster
+    from tests.cluster_fixture import start_cluster
 
     from panseg.phantom.cohort import write_cohort
 

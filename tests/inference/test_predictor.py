@@ -1,13 +1,13 @@
-"""Inference and evaluation: geometry restored exactly, classes kept as asked, checkpoints refused,
-a real tiny model end to end, folder prediction with Ray, folder evaluation.
+"""Whole-case prediction: geometry restored exactly, classes kept as asked, checkpoints refused,
+a real tiny model end to end, the memory-time area.
 
-The synthetic CT has a body (60 HU) with a separate table slab (200 HU) under it, an anisotropic
-spacing, and a direction that is rotated 30 degrees and flipped, so every geometry step is exercised.
+The synthetic CT (tests/synthetic_ct.py) has a body (60 HU) with a separate table slab (200 HU)
+under it, an anisotropic spacing, and a direction that is rotated 30 degrees and flipped, so every
+geometry step is exercised.
 """
 
 from dataclasses import replace
 import json
-import math
 import pathlib
 import time
 
@@ -17,9 +17,7 @@ import SimpleITK as sitk
 import torch
 
 from panseg.config import TUMOR_ID, InferConfig, preset
-from panseg.evaluation.folders import evaluate_folders, format_table, write_csv
 from panseg.evaluation.metrics import dice
-from panseg.infer import CSV_NAME, plan_actors, predict_folder, read_csv_rows
 from panseg.inference.predictor import (PreparedCase, Predictor, argmax_uint8, load_predictor, predict_array,
                                         predict_case, prepare_volume)
 from panseg.inference.resource_monitor import MemoryTimeMonitor
@@ -28,36 +26,7 @@ from panseg.preprocessing.case import CaseError, crop_volume, resample_volume
 from panseg.preprocessing.crop import mask_bbox
 from panseg.training.checkpoint import CheckpointError, TrainingState, save_checkpoint
 from panseg.training.parts import make_model, num_classes_of
-
-SPACING = (4.5, 2.9, 3.1)  # (z, y, x) mm
-SHAPE = (40, 64, 72)
-ORIGIN = (-101.5, 37.25, 310.0)
-_C, _S = math.cos(math.radians(30)), math.sin(math.radians(30))
-DIRECTION = (_C, -_S, 0.0, _S, _C, 0.0, 0.0, 0.0, -1.0)  # 30 degrees about z, z flipped
-
-
-def _grid_mm(shape=SHAPE, spacing=SPACING):
-    z, y, x = np.meshgrid(*(np.arange(n) * s for n, s in zip(shape, spacing)), indexing="ij")
-    return z, y, x
-
-
-def make_case(seed=0, shape=SHAPE, spacing=SPACING):
-    """CT (int16 HU) and fused labels (1 liver, 14 tumor), and the body mask."""
-    rng = np.random.default_rng(seed)
-    z, y, x = _grid_mm(shape, spacing)
-    cz, cx = shape[0] * spacing[0] / 2, shape[2] * spacing[2] / 2
-    body = (((y - 75.0) / 50.0) ** 2 + ((x - cx) / 80.0) ** 2 <= 1.0) & (np.abs(z - cz) < 75.0)
-    table = (y > 140.0) & (y < 152.0) & (np.abs(x - cx) < 100.0)  # below the body, an air gap between
-    ct = np.full(shape, -1000, dtype=np.int16)
-    ct[body] = (60 + rng.integers(-5, 6, size=int(body.sum()))).astype(np.int16)
-    ct[table] = 200
-    liver = (((z - cz) / 40.0) ** 2 + ((y - 70.0) / 25.0) ** 2 + ((x - cx + 35.0) / 30.0) ** 2) <= 1.0
-    tumor = ((z - cz) ** 2 + (y - 75.0) ** 2 + (x - cx - 25.0) ** 2) <= 32.0 ** 2
-    labels = np.zeros(shape, dtype=np.uint8)
-    labels[liver & body] = 1
-    labels[tumor & body] = TUMOR_ID
-    ct[tumor & body] = 110
-    return Volume(ct, spacing, ORIGIN, DIRECTION), labels, body
+from tests.synthetic_ct import DIRECTION, ORIGIN, SHAPE, SPACING, make_case
 
 
 def one_hot_oracle(label_volume, box, cfg, calls):
@@ -72,19 +41,6 @@ def one_hot_oracle(label_volume, box, cfg, calls):
         return torch.nn.functional.one_hot(torch.from_numpy(expected).long(), num_classes).permute(3, 0, 1, 2).float()
 
     return logits_fn
-
-
-@pytest.fixture(scope="module")
-def tiny_cfg():
-    return preset("tiny")
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory, tiny_cfg):
-    torch.manual_seed(0)
-    model = make_model(tiny_cfg)
-    return save_checkpoint(TrainingState(tiny_cfg, 0, model.state_dict(), None, None),
-                           tmp_path_factory.mktemp("run") / "model_final")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -224,99 +180,3 @@ def test_memory_time_area_integrates_the_samples():
     elapsed = time.perf_counter() - start
     assert monitor.peak_mb == 100.0 and monitor.samples >= 5
     assert monitor.area_mb_s == pytest.approx(100.0 * elapsed, rel=0.1)
-
-
-def test_actor_plan_leaves_cpus_for_reading():
-    assert plan_actors(2, 0, use_gpu=False) == plan_actors(2.0, 0, False)
-    cpu2 = plan_actors(2, 0, use_gpu=False)
-    assert (cpu2.actors, cpu2.cpus_per_actor, cpu2.prepare_tasks) == (1, 1.0, 1)
-    cpu64 = plan_actors(64, 0, use_gpu=False)
-    assert cpu64.cpus_per_actor == 8 and cpu64.actors * 8 < 64
-    gpu4 = plan_actors(32, 4, use_gpu=True)
-    assert (gpu4.actors, gpu4.gpus_per_actor, gpu4.cpus_per_actor) == (4, 1.0, 1.0)
-    with pytest.raises(ValueError, match="needs a GPU"):
-        plan_actors(8, 0, use_gpu=True)
-
-
-# ----------------------------------------------------------------------------------------------
-# Folder prediction with Ray
-# ----------------------------------------------------------------------------------------------
-
-
-@pytest.mark.ray
-def test_predict_folder_streams_cases_records_a_bad_one_and_resumes(tmp_path, tiny_checkpoint, ray_local):
-    """Uses conftest's session Ray (address='local', 2 CPUs, auth and usage stats off, shut down at the end)."""
-    inputs, outputs = tmp_path / "in", tmp_path / "out"
-    for i in (1, 2):
-        write_volume(make_case(seed=i, shape=(24, 48, 56))[0], inputs / f"good{i}_0000.nii.gz")
-    sitk.WriteImage(sitk.Image(30, 30, sitk.sitkInt16), str(inputs / "flat_0000.nii.gz"))
-
-    rows = predict_folder(tiny_checkpoint, inputs, outputs, progress=False)
-    by_id = {r["case_id"]: r for r in rows}
-    assert [r["case_id"] for r in rows] == ["flat", "good1", "good2"]
-    assert by_id["flat"]["status"] == "failed" and "case flat" in by_id["flat"]["error"]
-    assert "3D" in by_id["flat"]["error"]
-    for case in ("good1", "good2"):
-        assert by_id[case]["status"] == "ok"
-        assert read_geometry(outputs / f"{case}.nii.gz").matches(read_geometry(inputs / f"{case}_0000.nii.gz"))
-    assert not (outputs / "flat.nii.gz").exists()
-    csv_rows = read_csv_rows(outputs / CSV_NAME)
-    assert csv_rows["flat"]["status"] == "failed" and "case flat" in csv_rows["flat"]["error"]
-    assert csv_rows["good1"]["seconds"] > 0 and csv_rows["good1"]["peak_rss_mb"] > 0
-    assert csv_rows["good1"]["gpu_area_mb_s"] is None and len(csv_rows["good1"]["crop_box_zyx"]) == 6
-
-    mtime = (outputs / "good1.nii.gz").stat().st_mtime_ns
-    again = {r["case_id"]: r for r in predict_folder(tiny_checkpoint, inputs, outputs, progress=False)}
-    assert again["good1"]["status"] == again["good2"]["status"] == "skipped"
-    assert again["flat"]["status"] == "failed"
-    assert (outputs / "good1.nii.gz").stat().st_mtime_ns == mtime
-    assert read_csv_rows(outputs / CSV_NAME)["good2"]["seconds"] == csv_rows["good2"]["seconds"]
-
-
-# ----------------------------------------------------------------------------------------------
-# Folder evaluation
-# ----------------------------------------------------------------------------------------------
-
-
-def _mask(shape=(10, 12, 14), box=None, spacing=(2.0, 1.0, 1.0)):
-    array = np.zeros(shape, np.uint8)
-    if box is not None:
-        array[box] = 1
-    return Volume(array, spacing, (0.0, 0.0, 0.0))
-
-
-def test_evaluate_folders_scores_missing_extra_mismatched_and_healthy_cases(tmp_path):
-    gt, pred = tmp_path / "gt", tmp_path / "pred"
-    lesion = np.s_[3:7, 4:9, 5:10]
-    for case in ("perfect", "missing", "moved"):
-        write_volume(_mask(box=lesion), gt / f"{case}.nii.gz")
-    for case in ("healthy_fp", "healthy_ok"):
-        write_volume(_mask(), gt / f"{case}.nii.gz")
-    write_volume(_mask(box=lesion), pred / "perfect.nii.gz")
-    write_volume(_mask(box=lesion, spacing=(2.5, 1.0, 1.0)), pred / "moved.nii.gz")
-    write_volume(_mask(box=np.s_[0:1, 0:1, 0:1]), pred / "healthy_fp.nii.gz")
-    write_volume(_mask(), pred / "healthy_ok.nii.gz")
-    write_volume(_mask(box=lesion), pred / "stray.nii.gz")
-
-    result = evaluate_folders(pred, gt)
-    rows = {r["case_id"]: r for r in result.rows}
-    assert (rows["perfect"]["dsc"], rows["perfect"]["nsd"], rows["perfect"]["rule"]) == (1.0, 1.0, "scored")
-    assert (rows["missing"]["dsc"], rows["missing"]["rule"]) == (0.0, "missing")
-    assert rows["moved"]["rule"] == "geometry_mismatch" and rows["moved"]["dsc"] == 0.0
-    message = next(e for e in result.errors if "moved" in e)
-    assert "case moved" in message and "(2.5, 1.0, 1.0)" in message and "(2.0, 1.0, 1.0)" in message
-    assert rows["healthy_ok"]["rule"] == "both_empty" and rows["healthy_fp"]["rule"] == "one_empty"
-    assert result.missing == ("missing",) and result.extra == ("stray",)
-    assert result.healthy_ids == ("healthy_fp", "healthy_ok")
-    assert result.false_positive_rate == 0.5
-    assert result.dsc.n == 5 and result.dsc.mean == pytest.approx(2 / 5)
-    table = format_table(result)
-    assert "DSC (%)" in table and "40.00 ± 48.99" in table and "stray" in table and "50.0%" in table
-    assert "Inference Time" not in table  # no predictions.csv
-    # perfect 1, missing 0, moved 0; an empty prediction everywhere scores the 2 healthy of 5 cases
-    assert "cases with lesions: DSC 33.33% (mean of 3); predicting no lesion anywhere would score 40.00%" in table
-    written = write_csv(result, tmp_path / "scores.csv").read_text().splitlines()
-    assert written[0].startswith("case_id,dsc,nsd,rule") and len(written) == 6
-
-    only_given = evaluate_folders(pred, gt, healthy_ids=["healthy_ok"])
-    assert only_given.healthy_ids == ("healthy_ok",) and only_given.false_positive_rate == 0.0

@@ -1,0 +1,57 @@
+"""`panseg predict` over a folder (panseg.infer): the actor plan, and folder prediction with Ray that
+streams cases, records a bad one and resumes. The whole-case predictor's tests are in
+tests/inference/test_predictor.py."""
+
+import pytest
+import SimpleITK as sitk
+
+from panseg.infer import CSV_NAME, plan_actors, predict_folder, read_csv_rows
+from panseg.io import read_geometry, write_volume
+from tests.synthetic_ct import make_case
+
+
+def test_actor_plan_leaves_cpus_for_reading():
+    assert plan_actors(2, 0, use_gpu=False) == plan_actors(2.0, 0, False)
+    cpu2 = plan_actors(2, 0, use_gpu=False)
+    assert (cpu2.actors, cpu2.cpus_per_actor, cpu2.prepare_tasks) == (1, 1.0, 1)
+    cpu64 = plan_actors(64, 0, use_gpu=False)
+    assert cpu64.cpus_per_actor == 8 and cpu64.actors * 8 < 64
+    gpu4 = plan_actors(32, 4, use_gpu=True)
+    assert (gpu4.actors, gpu4.gpus_per_actor, gpu4.cpus_per_actor) == (4, 1.0, 1.0)
+    with pytest.raises(ValueError, match="needs a GPU"):
+        plan_actors(8, 0, use_gpu=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Folder prediction with Ray
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.ray
+def test_predict_folder_streams_cases_records_a_bad_one_and_resumes(tmp_path, tiny_checkpoint, ray_local):
+    """Uses conftest's session Ray (address='local', 2 CPUs, auth and usage stats off, shut down at the end)."""
+    inputs, outputs = tmp_path / "in", tmp_path / "out"
+    for i in (1, 2):
+        write_volume(make_case(seed=i, shape=(24, 48, 56))[0], inputs / f"good{i}_0000.nii.gz")
+    sitk.WriteImage(sitk.Image(30, 30, sitk.sitkInt16), str(inputs / "flat_0000.nii.gz"))
+
+    rows = predict_folder(tiny_checkpoint, inputs, outputs, progress=False)
+    by_id = {r["case_id"]: r for r in rows}
+    assert [r["case_id"] for r in rows] == ["flat", "good1", "good2"]
+    assert by_id["flat"]["status"] == "failed" and "case flat" in by_id["flat"]["error"]
+    assert "3D" in by_id["flat"]["error"]
+    for case in ("good1", "good2"):
+        assert by_id[case]["status"] == "ok"
+        assert read_geometry(outputs / f"{case}.nii.gz").matches(read_geometry(inputs / f"{case}_0000.nii.gz"))
+    assert not (outputs / "flat.nii.gz").exists()
+    csv_rows = read_csv_rows(outputs / CSV_NAME)
+    assert csv_rows["flat"]["status"] == "failed" and "case flat" in csv_rows["flat"]["error"]
+    assert csv_rows["good1"]["seconds"] > 0 and csv_rows["good1"]["peak_rss_mb"] > 0
+    assert csv_rows["good1"]["gpu_area_mb_s"] is None and len(csv_rows["good1"]["crop_box_zyx"]) == 6
+
+    mtime = (outputs / "good1.nii.gz").stat().st_mtime_ns
+    again = {r["case_id"]: r for r in predict_folder(tiny_checkpoint, inputs, outputs, progress=False)}
+    assert again["good1"]["status"] == again["good2"]["status"] == "skipped"
+    assert again["flat"]["status"] == "failed"
+    assert (outputs / "good1.nii.gz").stat().st_mtime_ns == mtime
+    assert read_csv_rows(outputs / CSV_NAME)["good2"]["seconds"] == csv_rows["good2"]["seconds"]
