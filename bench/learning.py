@@ -51,7 +51,7 @@ from panseg.config import TUMOR_ID
 from panseg.data_pipeline import process_one
 from panseg.demo import DEFAULT_CASES, DEFAULT_HEALTHY, demo_config
 from panseg.evaluation import evaluate_folders
-from panseg.infer import load_predictor, predict_case
+from panseg.infer import Predictor, load_predictor, predict_case
 from panseg.io import discover_cohort, read_volume, write_volume
 from panseg.metrics import dice
 from panseg.phantom import write_cohort
@@ -139,9 +139,16 @@ def lesion_counts(prediction: np.ndarray, truth: np.ndarray) -> tuple[int, int, 
     return n_true, touched, n_pred - len(hitting)
 
 
-def score_snapshot(folder: Path, work: Path, test_ids: list[str], out: Path, threads: int) -> dict:
-    """Predict the test cases with `folder`'s model and score them (module docstring)."""
-    predictor = load_predictor(folder, device="cpu", threads=threads)
+def load_snapshot(recipe: str, folder: Path, threads: int) -> Predictor:
+    if recipe == "monai":
+        from bench.learning_monai import monai_predictor
+
+        return monai_predictor(folder, threads)
+    return load_predictor(folder, device="cpu", threads=threads)
+
+
+def score_snapshot(predictor: Predictor, work: Path, test_ids: list[str], out: Path) -> dict:
+    """Predict the test cases with a snapshot's predictor and score them (module docstring)."""
     predictor = predictor.with_config(replace(predictor.cfg, infer=replace(predictor.cfg.infer, all_labels=True)))
     full, tumor_dir = out / "all_labels", out / "tumor"
     for d in (full, tumor_dir):
@@ -272,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     points = []
     for info, folder in snapshot_dirs(run):
         t0 = time.perf_counter()
-        scores = score_snapshot(folder, work, test_ids, work / "scored" / args.recipe / folder.name, threads)
+        scores = score_snapshot(load_snapshot(args.recipe, folder, threads), work, test_ids,
+                                work / "scored" / args.recipe / folder.name)
         point = {"minutes": info["minutes"], "elapsed_minutes": round(info["elapsed_seconds"] / 60, 2),
                  "steps": info["steps"], **scores}
         points.append(point)
