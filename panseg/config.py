@@ -168,7 +168,9 @@ class TrainConfig:
     lr: float = 1e-2
     weight_decay: float = 1e-5
     momentum: float = 0.99  # SGD only (Nesterov)
-    lr_schedule: Literal["step", "poly", "constant"] = "step"
+    # poly: nnU-Net's decay over the epochs; poly_time: the same decay over the share of
+    # train.time_limit_minutes used, so a time budget is used whole on any machine.
+    lr_schedule: Literal["step", "poly", "poly_time", "constant"] = "step"
     lr_step_epochs: int = 200  # paper: halved every 200 epochs
     lr_step_factor: float = 0.5
     poly_exponent: float = 0.9
@@ -191,6 +193,8 @@ class TrainConfig:
     val_every_epochs: int = 5
     checkpoint_every_epochs: int = 5
     time_limit_minutes: float | None = None  # end the run (validated, final model) at the first epoch end past it
+    # Training minutes at which RUN/snapshots/minute_M keeps the model (at the first epoch end past M).
+    snapshot_minutes: tuple[float, ...] = ()
     val_fraction: float = 0.2  # held-out share of labelled cases when the split file is created
     val_max_cases: int = 20  # at most this many held-out cases per validation
     loader_threads: int = 2  # threads reading patches from the store ahead of the step
@@ -214,6 +218,10 @@ class TrainConfig:
             raise ConfigError(f"train.random_patch_fraction must be in [0, 1], but it is {self.random_patch_fraction}")
         if self.time_limit_minutes is not None and self.time_limit_minutes <= 0:
             raise ConfigError(f"train.time_limit_minutes must be > 0 (or null), but it is {self.time_limit_minutes}")
+        if self.lr_schedule == "poly_time" and self.time_limit_minutes is None:
+            raise ConfigError("train.lr_schedule=poly_time decays over train.time_limit_minutes, which is null")
+        if any(m <= 0 for m in self.snapshot_minutes):
+            raise ConfigError(f"train.snapshot_minutes must all be > 0, but they are {self.snapshot_minutes}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"train.val_fraction must be in (0, 1), but it is {self.val_fraction}")
 

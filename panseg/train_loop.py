@@ -149,7 +149,7 @@ def train_loop_per_worker(config: dict, session: Session | None = None) -> None:
     _record_worker(job.run_dir, session)
     torch.manual_seed(tcfg.seed)  # identical initial weights on every rank
     parts = build_training_parts(cfg, session.device)
-    start_epoch, best = _restore(job, session, parts)
+    start_epoch, best, elapsed_before = _restore(job, session, parts)
     model = session.wrap(parts.model)
     sampler = PatchSampler(job.store, list(job.train_ids), tcfg.patch_size_zyx, tcfg.tumor_sampling_ratio,
                            tcfg.random_patch_fraction, cfg.preprocess.clip_hu, tumor_id=TUMOR_ID,
@@ -157,17 +157,21 @@ def train_loop_per_worker(config: dict, session: Session | None = None) -> None:
     end_epoch = tcfg.epochs if job.stop_after_epochs is None else min(tcfg.epochs, start_epoch + job.stop_after_epochs)
     iterations = max(1, math.ceil(tcfg.iterations_per_epoch / session.world_size))
     log = _MetricsLog(job.run_dir) if session.rank == 0 else None
-    deadline = None if tcfg.time_limit_minutes is None else time.monotonic() + 60.0 * tcfg.time_limit_minutes
+    clock = _TrainingClock(elapsed_before)
+    snapshots = _Snapshots(job, tcfg.snapshot_minutes, elapsed_before) if session.rank == 0 else None
     with ThreadPoolExecutor(max_workers=max(1, tcfg.loader_threads)) as pool:
         for epoch in range(start_epoch, end_epoch):
             started = time.perf_counter()
-            lr = lr_at_epoch(tcfg, epoch)
+            lr = lr_at_epoch(tcfg, epoch, clock.elapsed())
             for group in parts.optimizer.param_groups:
                 group["lr"] = lr
             train_loss = _train_epoch(model, parts, sampler, pool, tcfg, epoch, iterations, session)
             metrics = {"epoch": epoch + 1, "train_loss": train_loss, "lr": lr,
                        "epoch_seconds": time.perf_counter() - started, "world_size": session.world_size}
-            out_of_time = deadline is not None and _any_rank(session, time.monotonic() > deadline)
+            out_of_time = (tcfg.time_limit_minutes is not None
+                           and _any_rank(session, clock.elapsed() > 60.0 * tcfg.time_limit_minutes))
+            if snapshots:
+                snapshots.save_due(parts.model, epoch + 1, (epoch + 1) * iterations, clock.elapsed())
             last = epoch + 1 == end_epoch or out_of_time
             if (epoch + 1) % tcfg.val_every_epochs == 0 or last:
                 metrics.update(validate(parts.model, cfg, job.store, list(job.val_ids), session))
@@ -176,7 +180,8 @@ def train_loop_per_worker(config: dict, session: Session | None = None) -> None:
             checkpoint_dir = None
             if (epoch + 1) % tcfg.checkpoint_every_epochs == 0 or last or is_best:
                 checkpoint_dir = _write_checkpoints(job, session, parts, epoch + 1, best, is_best,
-                                                    final=epoch + 1 == tcfg.epochs or out_of_time)
+                                                    final=epoch + 1 == tcfg.epochs or out_of_time,
+                                                    elapsed_seconds=clock.elapsed())
             if log:
                 log.append({**metrics, "time": time.time()})
             session.report(metrics, checkpoint_dir)
@@ -245,13 +250,13 @@ def _step(model, parts, image: torch.Tensor, label: torch.Tensor, tcfg: TrainCon
     return float(loss.detach())
 
 
-def _restore(job: TrainJob, session: Session, parts) -> tuple[int, float | None]:
+def _restore(job: TrainJob, session: Session, parts) -> tuple[int, float | None, float]:
     """Load the last checkpoint (Ray Train's after a restart, else RUN/checkpoints with --resume)."""
     directory = session.restart_checkpoint()
     if directory is None and job.resume:
         directory = latest_checkpoint(Path(job.run_dir) / "checkpoints")
     if directory is None:
-        return 0, None
+        return 0, None, 0.0
     state = load_checkpoint(directory, map_location=session.device)
     parts.model.load_state_dict(state.model)
     if state.optimizer is not None:
@@ -260,7 +265,7 @@ def _restore(job: TrainJob, session: Session, parts) -> tuple[int, float | None]
         torch.set_rng_state(state.torch_rng)
     if session.rank == 0:
         print(f"train: resumed from {directory} after epoch {state.epoch}", flush=True)
-    return state.epoch, state.best_metric
+    return state.epoch, state.best_metric, state.elapsed_seconds
 
 
 def _update_best(best: float | None, metrics: dict, cfg: PansegConfig) -> tuple[float | None, bool]:
@@ -275,21 +280,53 @@ def _update_best(best: float | None, metrics: dict, cfg: PansegConfig) -> tuple[
 
 
 def _write_checkpoints(job: TrainJob, session: Session, parts, epochs_done: int, best: float | None,
-                       is_best: bool, final: bool) -> Path | None:
+                       is_best: bool, final: bool, elapsed_seconds: float = 0.0) -> Path | None:
     """Rank 0 writes checkpoints (all ranks return the directory so every rank reports it)."""
     run = Path(job.run_dir)
     directory = run / "checkpoints" / f"epoch_{epochs_done:04d}"
     if session.rank == 0:
         state = TrainingState(job.cfg, epochs_done, parts.model.state_dict(), parts.optimizer.state_dict(),
-                              best, torch.get_rng_state())
+                              best, torch.get_rng_state(), elapsed_seconds)
         save_checkpoint(state, directory)
+        model_only = TrainingState(job.cfg, epochs_done, parts.model.state_dict(), None, best, None, elapsed_seconds)
         if is_best:
-            save_checkpoint(TrainingState(job.cfg, epochs_done, parts.model.state_dict(), None, best), run / "model_best")
+            save_checkpoint(model_only, run / "model_best")
         if final:
-            save_checkpoint(TrainingState(job.cfg, epochs_done, parts.model.state_dict(), None, best), run / "model_final")
+            save_checkpoint(model_only, run / "model_final")
         _prune_checkpoints(run / "checkpoints", keep=2)
     session.barrier()
     return directory if session.rank == 0 else None
+
+
+class _TrainingClock:
+    """Wall-clock seconds of training, counting the runs this one resumes (for `poly_time`, the time
+    limit and snapshots)."""
+
+    def __init__(self, before: float):
+        self.before, self.started = before, time.monotonic()
+
+    def elapsed(self) -> float:
+        return self.before + time.monotonic() - self.started
+
+
+class _Snapshots:
+    """RUN/snapshots/minute_M: the model at the first epoch end past each of `train.snapshot_minutes`
+    (rank 0), each beside a snapshot.json with its epoch, steps and training seconds."""
+
+    def __init__(self, job: TrainJob, minutes: tuple[float, ...], elapsed_before: float):
+        self.job = job
+        self.pending = sorted(m for m in minutes if 60.0 * m > elapsed_before)
+
+    def save_due(self, model: torch.nn.Module, epochs_done: int, steps: int, elapsed: float) -> None:
+        while self.pending and elapsed >= 60.0 * self.pending[0]:
+            minute = self.pending.pop(0)
+            folder = Path(self.job.run_dir) / "snapshots" / f"minute_{minute:g}"
+            save_checkpoint(TrainingState(self.job.cfg, epochs_done, model.state_dict(), None, None, None, elapsed),
+                            folder)
+            info = {"minutes": minute, "epoch": epochs_done, "steps": steps, "elapsed_seconds": elapsed}
+            tmp = folder / ".snapshot.json.tmp"
+            tmp.write_text(json.dumps(info))
+            os.replace(tmp, folder / "snapshot.json")
 
 
 def _prune_checkpoints(folder: Path, keep: int) -> None:

@@ -35,6 +35,7 @@ class TrainingState:
     optimizer: dict | None
     best_metric: float | None
     torch_rng: torch.Tensor | None = None
+    elapsed_seconds: float = 0.0  # training time (wall clock) before this checkpoint, over every resume
 
 
 def save_checkpoint(state: TrainingState, directory: str | Path) -> Path:
@@ -51,6 +52,7 @@ def save_checkpoint(state: TrainingState, directory: str | Path) -> Path:
         "optimizer": state.optimizer,
         "best_metric": state.best_metric,
         "torch_rng": state.torch_rng,
+        "elapsed_seconds": float(state.elapsed_seconds),
     }
     torch.save(payload, tmp / FILE_NAME)
     if directory.exists():
@@ -94,6 +96,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         optimizer=payload["optimizer"],
         best_metric=payload["best_metric"],
         torch_rng=payload["torch_rng"],
+        elapsed_seconds=float(payload.get("elapsed_seconds", 0.0)),  # absent in checkpoints before it was kept
     )
 
 

@@ -104,8 +104,12 @@ def make_optimizer(model: torch.nn.Module, tcfg: TrainConfig) -> torch.optim.Opt
                            momentum=tcfg.momentum, nesterov=True)
 
 
-def lr_at_epoch(tcfg: TrainConfig, epoch: int) -> float:
-    """The learning rate of an epoch (0-based): a pure function, so a resumed run continues exactly."""
+def lr_at_epoch(tcfg: TrainConfig, epoch: int, elapsed_seconds: float = 0.0) -> float:
+    """The learning rate of an epoch (0-based) that starts `elapsed_seconds` into training: a pure
+    function, so a resumed run continues exactly (`poly_time` uses only the time, the others the epoch)."""
+    if tcfg.lr_schedule == "poly_time":
+        used = min(1.0, elapsed_seconds / (60.0 * tcfg.time_limit_minutes))
+        return tcfg.lr * (1 - used) ** tcfg.poly_exponent
     if tcfg.lr_schedule == "step":
         return tcfg.lr * tcfg.lr_step_factor ** (epoch // tcfg.lr_step_epochs)
     if tcfg.lr_schedule == "poly":

@@ -1,0 +1,302 @@
+"""Time to accuracy: held-out tumor DSC against minutes of training, on 2 CPU cores.
+
+    python bench/learning.py --work /tmp/learning --minutes 120 --recipe panseg   # >= 2 h, nothing else running
+    python bench/learning.py --work /tmp/learning --minutes 40 --recipe monai     # the peer, same store and split
+    python bench/learning.py --work /tmp/lq --minutes 2 --snapshots 1 2 --cases 6 --healthy 2   # a rehearsal
+
+Cohort: the demo's (`panseg demo` defaults: 120 phantoms with lesions + 16 healthy, seed 0, small
+phantoms), written once into WORK/raw and WORK/truth, preprocessed with the demo's preprocessing
+(`data_pipeline.process_one` in a 2-process pool, what Ray Data's actors run per case) into
+WORK/store.zarr. Split: the demo's (`load_or_create_split` with the demo config's seed and
+validation fraction), written to WORK/split.json; its 27 held-out cases are the test cases here.
+
+Recipes (each trains once, for `--minutes` of wall-clock training, keeping the model at each of
+`--snapshots` minutes; nothing is chosen by validation, so no test case picks a model):
+- `panseg`: `panseg.demo.demo_config` (tiny U-Net, lr 1e-2 AdamW, tumor weight 5 and sampling ratio
+  5, no augmentation) with `train.lr_schedule=poly_time` over `--minutes`, `train.snapshot_minutes`,
+  and one process with the machine's threads (`train_local`) instead of the demo's 2 DDP workers.
+- `monai`: the peer of issue 17 (bench extra): MONAI's DynUNet (8-16-32-64), DiceCELoss,
+  RandCropByLabelClassesd (tumor 5x each organ), AdamW 1e-2 with poly decay over the same time, on
+  the same store, split, patch (32x64x64) and batch (2). Its snapshots are predicted by panseg's own
+  predictor (the DynUNet in place of panseg's network, the same crop, resampling, window and restore).
+
+Every snapshot is then scored on the test cases: panseg's predictor writes every class; the tumor
+masks are scored with `panseg.evaluation.evaluate_folders` (FLARE rules) against the complete truth
+(every lesion) and the partial labels (primary lesion only); lesion recall is the share of true
+lesions (26-connected components of the complete truth) touched by a predicted tumor voxel; false
+components are predicted tumor components that touch no true lesion; organ Dice is the mean over
+the organs present in each case's true organ map. Output: WORK/learning.json, merged into
+bench/results/learning.json (recipes measured in other runs are kept) and bench/results/learning.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import shutil
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+
+import cc3d
+import numpy as np
+import torch
+
+from panseg.config import TUMOR_ID
+from panseg.data_pipeline import process_one
+from panseg.demo import DEFAULT_CASES, DEFAULT_HEALTHY, demo_config
+from panseg.evaluation import evaluate_folders
+from panseg.infer import Predictor, load_predictor, predict_case
+from panseg.io import discover_cohort, read_volume, write_volume
+from panseg.metrics import dice
+from panseg.phantom import write_cohort
+from panseg.store import MANIFEST, create_store, write_manifest
+from panseg.train_loop import load_or_create_split, make_job, read_metrics, train_local
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DEFAULT_SNAPSHOTS = (5, 10, 20, 30, 40, 60, 80, 100, 120)
+
+
+def build_cohort(work: Path, cases: int, healthy: int, workers: int) -> Path:
+    """WORK/raw, WORK/truth and WORK/store.zarr (reused when complete)."""
+    raw, truth, store = work / "raw", work / "truth", work / "store.zarr"
+    if (store / MANIFEST).exists():
+        return store
+    write_cohort(raw, cases=cases, healthy=healthy, seed=0, small=True, truth_dir=truth, workers=workers)
+    cfg = demo_config().preprocess
+    if store.exists():
+        shutil.rmtree(store)
+    create_store(store, cfg)
+    todo = list(discover_cohort(raw).valid)
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        rows = list(pool.map(process_one, todo, [str(store)] * len(todo), [cfg] * len(todo)))
+    write_manifest(store, rows)
+    failed = [r for r in rows if r["status"] != "ok"]
+    if failed:
+        raise RuntimeError(f"{len(failed)} case(s) failed to preprocess, first: {failed[0]}")
+    return store
+
+
+def demo_split(work: Path, store: Path) -> dict:
+    """The demo's split; its held-out cases' truth and partial labels are copied to WORK/test_truth and
+    WORK/test_labels, the folders the scores are taken against."""
+    cfg = demo_config()
+    split = load_or_create_split(str(store), work / "split.json", cfg.train.val_fraction, cfg.train.seed)
+    for name, source in (("test_truth", work / "truth"), ("test_labels", work / "raw" / "labelsTr")):
+        folder = work / name
+        if folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir()
+        for case_id in split["val"]:
+            shutil.copy(source / f"{case_id}.nii.gz", folder)
+    return split
+
+
+# ----------------------------------------------------------------------------------------------
+# Recipes
+# ----------------------------------------------------------------------------------------------
+
+
+def train_panseg(work: Path, store: Path, minutes: float, snapshots: tuple[float, ...]) -> Path:
+    """The panseg recipe (module docstring); returns the run directory."""
+    run = work / "runs" / "panseg"
+    if run.exists():
+        shutil.rmtree(run)
+    cfg = demo_config(epochs=100_000, minutes=minutes)
+    tcfg = replace(cfg.train, lr_schedule="poly_time", snapshot_minutes=tuple(float(m) for m in snapshots),
+                   val_every_epochs=100_000, checkpoint_every_epochs=20)
+    job = make_job(replace(cfg, train=tcfg), str(store), str(run), split_file=str(work / "split.json"))
+    train_local(job)
+    return run
+
+
+def snapshot_dirs(run: Path) -> list[tuple[dict, Path]]:
+    found = []
+    for folder in sorted((run / "snapshots").glob("minute_*")):
+        info_file = folder / "snapshot.json"
+        if info_file.is_file():
+            found.append((json.loads(info_file.read_text()), folder))
+    return sorted(found, key=lambda item: item[0]["minutes"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Scoring
+# ----------------------------------------------------------------------------------------------
+
+
+def lesion_counts(prediction: np.ndarray, truth: np.ndarray) -> tuple[int, int, int]:
+    """(true lesions, true lesions touched by a predicted voxel, predicted components touching no lesion)."""
+    true_cc = cc3d.connected_components(truth, connectivity=26)
+    pred_cc = cc3d.connected_components(prediction, connectivity=26)
+    n_true, n_pred = int(true_cc.max()), int(pred_cc.max())
+    touched = len(set(np.unique(true_cc[prediction])) - {0})
+    hitting = set(np.unique(pred_cc[truth])) - {0}
+    return n_true, touched, n_pred - len(hitting)
+
+
+def load_snapshot(recipe: str, folder: Path, threads: int) -> Predictor:
+    if recipe == "monai":
+        from bench.learning_monai import monai_predictor
+
+        return monai_predictor(folder, threads)
+    return load_predictor(folder, device="cpu", threads=threads)
+
+
+def score_snapshot(predictor: Predictor, work: Path, test_ids: list[str], out: Path) -> dict:
+    """Predict the test cases with a snapshot's predictor and score them (module docstring)."""
+    predictor = predictor.with_config(replace(predictor.cfg, infer=replace(predictor.cfg.infer, all_labels=True)))
+    full, tumor_dir = out / "all_labels", out / "tumor"
+    for d in (full, tumor_dir):
+        if d.exists():
+            shutil.rmtree(d)
+        d.mkdir(parents=True)
+    totals = {"lesions": 0, "touched": 0, "false_components": 0, "organ_dice": [], "seconds": 0.0,
+              "healthy_with_fp": 0}
+    for case_id in test_ids:
+        row = predict_case(predictor, work / "raw" / "imagesTr" / f"{case_id}_0000.nii.gz", full / f"{case_id}.nii.gz",
+                           case_id=case_id)
+        totals["seconds"] += row["seconds"]
+        labels = read_volume(full / f"{case_id}.nii.gz")
+        tumor = labels.array == TUMOR_ID
+        write_volume(replace(labels, array=tumor.astype(np.uint8)), tumor_dir / f"{case_id}.nii.gz")
+        truth = read_volume(work / "truth" / f"{case_id}.nii.gz").array > 0
+        n_true, touched, false_cc = lesion_counts(tumor, truth)
+        totals["healthy_with_fp"] += int(n_true == 0 and bool(tumor.any()))
+        totals["lesions"] += n_true
+        totals["touched"] += touched
+        totals["false_components"] += false_cc
+        organs = read_volume(work / "truth" / "organs" / f"{case_id}.nii.gz").array
+        present = [c for c in np.unique(organs) if 0 < c < TUMOR_ID]
+        if present:
+            totals["organ_dice"].append(float(np.mean([dice(labels.array == c, organs == c) for c in present])))
+    complete = evaluate_folders(tumor_dir, work / "test_truth")
+    partial = evaluate_folders(tumor_dir, work / "test_labels")
+    assert not complete.missing and not partial.missing, (complete.missing, partial.missing)
+    lesion_rows = [r for r in complete.rows if not r["healthy"]]
+    return {
+        "tumor_dsc": round(complete.dsc.mean, 4), "tumor_nsd": round(complete.nsd.mean, 4),
+        "tumor_dsc_lesion_cases": round(float(np.mean([r["dsc"] for r in lesion_rows])), 4) if lesion_rows else None,
+        "tumor_dsc_partial": round(partial.dsc.mean, 4), "tumor_nsd_partial": round(partial.nsd.mean, 4),
+        "lesion_recall": round(totals["touched"] / max(1, totals["lesions"]), 4),
+        "false_components_per_case": round(totals["false_components"] / len(test_ids), 2),
+        "healthy_with_fp": totals["healthy_with_fp"], "healthy_cases": len(complete.healthy_ids),
+        "organ_dice": round(float(np.mean(totals["organ_dice"])), 4) if totals["organ_dice"] else None,
+        "predict_seconds_per_case": round(totals["seconds"] / len(test_ids), 2),
+    }
+
+
+def empty_prediction_dsc(work: Path, test_ids: list[str]) -> float:
+    """What predicting no lesion anywhere scores on the test cases (FLARE rules: 1 on a healthy case)."""
+    healthy = sum(1 for cid in test_ids if not read_volume(work / "truth" / f"{cid}.nii.gz").array.any())
+    return healthy / len(test_ids)
+
+
+# ----------------------------------------------------------------------------------------------
+# Output
+# ----------------------------------------------------------------------------------------------
+
+
+def machine_facts() -> dict:
+    return {"date": time.strftime("%Y-%m-%d"), "host": platform.node(), "cpu_cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "python": platform.python_version(), "torch": torch.__version__,
+            "processor": platform.processor() or platform.machine()}
+
+
+def merge_results(curve: dict, path: Path = RESULTS / "learning.json") -> dict:
+    merged = json.loads(path.read_text()) if path.is_file() else {"recipes": {}}
+    merged.setdefault("recipes", {}).update(curve["recipes"])
+    merged.setdefault("runs", {}).update({name: curve["machine"] for name in curve["recipes"]})
+    merged["machine"] = curve["machine"]
+    merged["empty_prediction_dsc"] = curve["empty_prediction_dsc"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(merged, indent=2) + "\n")
+    return merged
+
+
+def plot(results: dict, path: Path = RESULTS / "learning.png") -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("learning.png skipped: matplotlib is not installed (the viz extra)")
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for name, points in sorted(results["recipes"].items()):
+        ax.plot([p["minutes"] for p in points], [100 * p["tumor_dsc"] for p in points], marker="o", label=name)
+    if "empty_prediction_dsc" in results:
+        ax.axhline(100 * results["empty_prediction_dsc"], color="grey", linestyle="--", label="empty prediction")
+    ax.set_xlabel("minutes of training (2 CPU cores)")
+    ax.set_ylabel("held-out tumor DSC (%), complete truth")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, required=True)
+    parser.add_argument("--recipe", choices=("panseg", "monai"), default="panseg")
+    parser.add_argument("--minutes", type=float, default=120.0)
+    parser.add_argument("--snapshots", type=float, nargs="+", default=list(DEFAULT_SNAPSHOTS))
+    parser.add_argument("--cases", type=int, default=DEFAULT_CASES)
+    parser.add_argument("--healthy", type=int, default=DEFAULT_HEALTHY)
+    parser.add_argument("--score-only", action="store_true", help="score the snapshots of an earlier run again")
+    parser.add_argument("--no-merge", action="store_true", help="leave bench/results alone (rehearsals)")
+    args = parser.parse_args(argv)
+    snapshots = tuple(sorted(m for m in args.snapshots if m <= args.minutes))
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    threads = torch.get_num_threads()
+
+    started = time.perf_counter()
+    store = build_cohort(work, args.cases, args.healthy, workers=min(2, os.cpu_count() or 1))
+    split = demo_split(work, store)
+    test_ids = list(split["val"])
+    print(f"cohort ready in {time.perf_counter() - started:.0f} s: {len(split['train'])} training, "
+          f"{len(test_ids)} test cases", flush=True)
+
+    run = work / "runs" / args.recipe
+    if not args.score_only:
+        t0 = time.perf_counter()
+        if args.recipe == "panseg":
+            train_panseg(work, store, args.minutes, snapshots)
+        else:
+            from bench.learning_monai import train_monai
+
+            train_monai(work, store, split, args.minutes, snapshots)
+        print(f"trained {args.recipe} in {time.perf_counter() - t0:.0f} s", flush=True)
+
+    points = []
+    for info, folder in snapshot_dirs(run):
+        t0 = time.perf_counter()
+        scores = score_snapshot(load_snapshot(args.recipe, folder, threads), work, test_ids,
+                                work / "scored" / args.recipe / folder.name)
+        point = {"minutes": info["minutes"], "elapsed_minutes": round(info["elapsed_seconds"] / 60, 2),
+                 "steps": info["steps"], **scores}
+        points.append(point)
+        print(json.dumps(point), f"(scored in {time.perf_counter() - t0:.0f} s)", flush=True)
+    curve = {"machine": {**machine_facts(), "recipe": args.recipe, "minutes": args.minutes,
+                         "train_loss_last": (read_metrics(run) or [{}])[-1].get("train_loss")},
+             "empty_prediction_dsc": round(empty_prediction_dsc(work, test_ids), 4),
+             "recipes": {args.recipe: points}}
+    (work / f"learning_{args.recipe}.json").write_text(json.dumps(curve, indent=2) + "\n")
+    if not args.no_merge:
+        merged = merge_results(curve)
+        plot(merged)
+    print(f"wrote {work / f'learning_{args.recipe}.json'}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    sys.exit(main())
