@@ -50,12 +50,12 @@ import torch
 from panseg.config import TUMOR_ID
 from panseg.data_pipeline import process_one
 from panseg.demo import DEFAULT_CASES, DEFAULT_HEALTHY, demo_config
-from panseg.evaluation import evaluate_folders
-from panseg.infer import Predictor, load_predictor, predict_case
+from panseg.evaluation.folders import evaluate_folders
+from panseg.evaluation.metrics import dice
+from panseg.inference.predictor import Predictor, load_predictor, predict_case
 from panseg.io import discover_cohort, read_volume, write_volume
-from panseg.metrics import dice
-from panseg.phantom import write_cohort
-from panseg.store import MANIFEST, create_store, write_manifest
+from panseg.phantom.cohort import write_cohort
+from panseg.store.zarr_store import MANIFEST, create_store, write_manifest
 from panseg.train_loop import load_or_create_split, make_job, read_metrics, train_local
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -25,8 +25,8 @@ import torch
 
 from panseg.config import TUMOR_ID
 from panseg.demo import demo_config
-from panseg.infer import NetworkLogits, Predictor
-from panseg.store import read_case
+from panseg.inference.predictor import NetworkLogits, Predictor
+from panseg.store.zarr_store import read_case
 
 FEATURES = (8, 16, 32, 64)
 PATCH_ZYX = (32, 64, 64)
