@@ -2,7 +2,7 @@
 
 Two stages, so reading and preprocessing the next case overlaps the prediction of the current one:
 
-1. `prepare` (Ray tasks, 1 CPU each, memory reserved from the image headers): read the CT, crop,
+1. `prepare` (Ray tasks, 1 CPU each (half of one on a one-CPU Ray), memory reserved from the image headers): read the CT, crop,
    resample, clip (`inference.predictor.prepare_volume`); only numpy and plain values leave the task.
 2. `PredictorActor` (a callable-class actor pool, `batch_size=1`, one actor per GPU, or one CPU actor
    with most of the CPUs): scale, sliding windows, argmax, paste back into the original grid, write
@@ -57,29 +57,40 @@ Summarize = Callable[[Volume], dict]  # a written mask -> extra row values (e.g.
 
 @dataclass(frozen=True)
 class ActorPlan:
-    """How the stages share a cluster: actors (count, CPUs, GPUs each) and concurrent prepare tasks."""
+    """How the stages share a cluster: actors (count, CPUs, GPUs each) and concurrent prepare tasks
+    (CPUs each), which together never ask for more CPUs than the cluster has."""
 
     actors: int
     cpus_per_actor: float
     gpus_per_actor: float
     prepare_tasks: int
+    cpus_per_prepare: float = 1.0
 
 
 def plan_actors(total_cpus: float, total_gpus: float, use_gpu: bool) -> ActorPlan:
-    """One actor per GPU (1 CPU each); on CPU, actors of up to 8 CPUs leaving at least 1 CPU to prepare.
+    """One actor per GPU (1 CPU each); on CPU, actors of up to 8 CPUs. Either way CPUs are left for the
+    prepare tasks, so reading never waits for CPUs the actors hold: on a one-CPU Ray the actor and one
+    prepare task get half a CPU each (Ray's CPUs are reservations; both run, sharing the core).
 
-    Prepare tasks are capped at twice the actors (at least 2), so at most a few cases wait in memory.
+    Prepare tasks are capped at twice the actors (at least 1), so at most a few cases wait in memory.
     """
-    cpus = max(1, int(total_cpus))
+    if total_cpus <= 0:
+        raise ValueError("the Ray cluster has no CPU: prediction needs at least part of one for reading cases")
+    cpus = float(int(total_cpus)) if total_cpus >= 1 else float(total_cpus)
     if use_gpu:
         if total_gpus < 1:
             raise ValueError(f"use_gpu needs a GPU in the Ray cluster, but it has {total_gpus:g}")
-        actors, per_actor, gpus = int(total_gpus), 1, 1.0
+        actors, gpus = int(total_gpus), 1.0
+        per_actor = min(1.0, cpus / (actors + 1))
+    elif cpus >= 2:
+        per_actor = float(max(1, min(_MAX_CPUS_PER_ACTOR, int(cpus) // 2)))
+        actors, gpus = max(1, int((cpus - 1) // per_actor)), 0.0
     else:
-        per_actor = max(1, min(_MAX_CPUS_PER_ACTOR, cpus // 2))
-        actors, gpus = max(1, (cpus - 1) // per_actor), 0.0
-    free = max(1, cpus - actors * per_actor)
-    return ActorPlan(actors, float(per_actor), gpus, max(1, min(free, 2 * actors, cpus)))
+        per_actor, actors, gpus = cpus / 2, 1, 0.0
+    free = cpus - actors * per_actor
+    per_prepare = round(min(1.0, free), 3)
+    tasks = max(1, min(int(free / per_prepare + 1e-9), 2 * actors, int(cpus) or 1))
+    return ActorPlan(actors, per_actor, gpus, tasks, per_prepare)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -334,7 +345,7 @@ def _build_dataset(todo: list[CaseFiles], model_path: str, out_dir: Path, pcfg: 
     # The reserved memory also keeps this stage from being fused into the actor stage (different remote
     # args), so reading the next case overlaps predicting the current one.
     ds = ds.map(prepare_row, fn_kwargs={"preprocess_json": json.dumps(to_dict(pcfg)), "threads": 1},
-                num_cpus=1, memory=prepare_memory_bytes(todo),
+                num_cpus=plan.cpus_per_prepare, memory=prepare_memory_bytes(todo),
                 compute=ray.data.TaskPoolStrategy(size=plan.prepare_tasks))
     threads = max(1, math.floor(plan.cpus_per_actor))
     # `compute=ActorPoolStrategy(size=n)` is Ray >= 2.51's spelling of `concurrency=n`.

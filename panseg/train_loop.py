@@ -21,6 +21,7 @@ import math
 import os
 import tempfile
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,17 +127,24 @@ class TrainJob:
     val_ids: tuple[str, ...]
     resume: bool = False
     stop_after_epochs: int | None = None  # train this many epochs in this run, then stop (resumable)
+    # This run's id (make_job): its checkpoints record it, so a restarted worker group finds them.
+    run_id: str = ""
+    # A fault drill for operators and tests: rank 0 SIGKILLs itself right after writing this epoch's
+    # checkpoint, before Ray Train has it (once per run; RUN/.drill_killed marks it done).
+    drill_kill_after_epoch: int | None = None
 
     def to_dict(self) -> dict:
         return {"cfg_json": config_to_json(self.cfg), "store": self.store, "run_dir": self.run_dir,
                 "train_ids": list(self.train_ids), "val_ids": list(self.val_ids), "resume": self.resume,
-                "stop_after_epochs": self.stop_after_epochs}
+                "stop_after_epochs": self.stop_after_epochs, "run_id": self.run_id,
+                "drill_kill_after_epoch": self.drill_kill_after_epoch}
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainJob:
         return cls(cfg=config_from_json(data["cfg_json"]), store=data["store"], run_dir=data["run_dir"],
                    train_ids=tuple(data["train_ids"]), val_ids=tuple(data["val_ids"]), resume=data["resume"],
-                   stop_after_epochs=data["stop_after_epochs"])
+                   stop_after_epochs=data["stop_after_epochs"], run_id=data.get("run_id", ""),
+                   drill_kill_after_epoch=data.get("drill_kill_after_epoch"))
 
 
 def train_loop_per_worker(config: dict, session: Session | None = None) -> None:
@@ -250,11 +258,27 @@ def _step(model, parts, image: torch.Tensor, label: torch.Tensor, tcfg: TrainCon
     return float(loss.detach())
 
 
+def restart_source(handed: Path | None, handed_epoch: int | None, on_disk: Path | None, disk_epoch: int | None
+                   ) -> tuple[Path | None, str]:
+    """Which checkpoint a (re)started worker group continues from, and why: the newer of the one Ray
+    Train hands over (the last it was reported) and the newest complete one in RUN/checkpoints of this
+    run (or of any run with --resume). A worker killed after writing a checkpoint and before reporting
+    it leaves Ray Train one behind, or with none."""
+    if on_disk is not None and (handed is None or disk_epoch > handed_epoch):
+        why = "Ray Train handed over none" if handed is None else f"Ray Train's is older (epoch {handed_epoch})"
+        return on_disk, f"the newest complete checkpoint in the run directory, epoch {disk_epoch} ({why})"
+    if handed is not None:
+        return handed, f"the checkpoint Ray Train handed over, epoch {handed_epoch}"
+    return None, "no checkpoint: a new run"
+
+
 def _restore(job: TrainJob, session: Session, parts) -> tuple[int, float | None, float]:
-    """Load the last checkpoint (Ray Train's after a restart, else RUN/checkpoints with --resume)."""
-    directory = session.restart_checkpoint()
-    if directory is None and job.resume:
-        directory = latest_checkpoint(Path(job.run_dir) / "checkpoints")
+    """Load the newest checkpoint of this run (`restart_source`); log the choice on rank 0."""
+    handed = session.restart_checkpoint()
+    handed_epoch = load_checkpoint(handed).epoch if handed is not None else None
+    on_disk = latest_checkpoint(Path(job.run_dir) / "checkpoints", run_id=None if job.resume else job.run_id)
+    disk_epoch = int(on_disk.name.split("_")[1]) if on_disk is not None else None
+    directory, why = restart_source(handed, handed_epoch, on_disk, disk_epoch)
     if directory is None:
         return 0, None, 0.0
     state = load_checkpoint(directory, map_location=session.device)
@@ -264,7 +288,7 @@ def _restore(job: TrainJob, session: Session, parts) -> tuple[int, float | None,
     if state.torch_rng is not None:
         torch.set_rng_state(state.torch_rng)
     if session.rank == 0:
-        print(f"train: resumed from {directory} after epoch {state.epoch}", flush=True)
+        print(f"train: resumed from {directory} after epoch {state.epoch}: {why}", flush=True)
     return state.epoch, state.best_metric, state.elapsed_seconds
 
 
@@ -286,9 +310,11 @@ def _write_checkpoints(job: TrainJob, session: Session, parts, epochs_done: int,
     directory = run / "checkpoints" / f"epoch_{epochs_done:04d}"
     if session.rank == 0:
         state = TrainingState(job.cfg, epochs_done, parts.model.state_dict(), parts.optimizer.state_dict(),
-                              best, torch.get_rng_state(), elapsed_seconds)
+                              best, torch.get_rng_state(), elapsed_seconds, job.run_id)
         save_checkpoint(state, directory)
-        model_only = TrainingState(job.cfg, epochs_done, parts.model.state_dict(), None, best, None, elapsed_seconds)
+        _fault_drill(job, epochs_done)
+        model_only = TrainingState(job.cfg, epochs_done, parts.model.state_dict(), None, best, None, elapsed_seconds,
+                                   job.run_id)
         if is_best:
             save_checkpoint(model_only, run / "model_best")
         if final:
@@ -296,6 +322,16 @@ def _write_checkpoints(job: TrainJob, session: Session, parts, epochs_done: int,
         _prune_checkpoints(run / "checkpoints", keep=2)
     session.barrier()
     return directory if session.rank == 0 else None
+
+
+def _fault_drill(job: TrainJob, epochs_done: int) -> None:
+    """`TrainJob.drill_kill_after_epoch`: SIGKILL this process (rank 0) once, right after the checkpoint."""
+    marker = Path(job.run_dir) / ".drill_killed"
+    if job.drill_kill_after_epoch == epochs_done and not marker.exists():
+        import signal
+
+        marker.write_text(str(epochs_done))
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class _TrainingClock:
@@ -430,7 +466,7 @@ def make_job(cfg: PansegConfig, store: str, run_dir: str, split_file: str | None
     save_config(cfg, run / "config.yaml")
     split = load_or_create_split(store, split_file or run / "split.json", cfg.train.val_fraction, cfg.train.seed)
     return TrainJob(cfg, str(Path(store).resolve()) if "://" not in store else store, str(run.resolve()),
-                    tuple(split["train"]), tuple(split["val"]), resume, stop_after_epochs)
+                    tuple(split["train"]), tuple(split["val"]), resume, stop_after_epochs, run_id=uuid.uuid4().hex)
 
 
 def resolve_config(cfg: PansegConfig, store: str) -> PansegConfig:

@@ -4,11 +4,13 @@ The paper chose its tumor loss weight and tumor sampling ratio by hand; `run_swe
 (or any float keys in `tune.search_space`) with Ray Tune. Every trial is the training `panseg train`
 runs (`train_loop.train_loop_per_worker`):
 - one worker per trial: the loop runs inside the trial's own process (CPU, or the GPU Tune gave it),
-  reporting each epoch to Tune;
+  reporting each validated epoch to Tune;
 - W workers per trial: the trial builds a `TorchTrainer` (Ray Train V2 has no `Tuner(TorchTrainer)`)
-  whose reports reach Tune through `TuneReportCallback`.
+  whose validated reports reach Tune through `TuneReportCallback`.
 
-ASHA stops weak trials at its rungs (time = the training epoch). Each trial trains in
+Only validated epochs reach Tune (`is_validated`): Tune refuses a result without the sweep's metric,
+and the presets validate every 2nd or 5th epoch. ASHA stops weak trials at its rungs (time = the
+training epoch), judged at the first validated epoch past each rung. Each trial trains in
 SWEEP/trials/<trial_id> with its own checkpoints, so an interrupted sweep resumes with
 `Tuner.restore`: finished trials stay finished, interrupted ones continue from their last checkpoint.
 At the end SWEEP holds trials.csv (one row per trial), best_config.yaml (which `panseg train --config`
@@ -230,14 +232,39 @@ def plot_sweep(table: list[dict], dims: typing.Sequence[SearchDim], metric: str,
 # ----------------------------------------------------------------------------------------------
 
 
+def is_validated(metrics: dict, metric: str) -> bool:
+    """Whether an epoch's metrics reach Tune: only validated epochs carry the sweep's metric, and Tune
+    refuses a result without it (the presets validate every 2nd or 5th epoch). ASHA's rungs are
+    epochs, so it compares trials at the validated epochs past each rung."""
+    return metrics.get(metric) is not None
+
+
 class TuneSession(Session):
-    """The training loop inside a one-worker Tune trial: reports each epoch to Tune."""
+    """The training loop inside a one-worker Tune trial: reports each validated epoch to Tune."""
+
+    def __init__(self, metric: str):
+        super().__init__()
+        self.metric = metric
 
     def report(self, metrics: dict, checkpoint_dir: Path | None) -> None:
         from ray import tune
 
         super().report(metrics, checkpoint_dir)
-        tune.report({k: v for k, v in metrics.items() if v is not None})
+        if is_validated(metrics, self.metric):
+            tune.report({k: v for k, v in metrics.items() if v is not None})
+
+
+def validated_report_callback(metric: str):
+    """Ray Train's `TuneReportCallback` for a multi-worker trial, passing on only validated epochs
+    (Ray Train still gets every epoch's report and checkpoint)."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class ValidatedEpochsCallback(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            if metrics and is_validated(metrics[0], metric):
+                super().after_report(run_context, metrics, checkpoint)
+
+    return ValidatedEpochsCallback()
 
 
 @dataclass(frozen=True)
@@ -268,12 +295,11 @@ def _run_trial(params: dict, *, base_json: str, store: str, sweep_dir: str) -> N
     tcfg = cfg.tune
     if tcfg.workers_per_trial == 1:
         torch.set_num_threads(max(1, int(tcfg.cpus_per_worker)))
-        train_loop_per_worker(job.to_dict(), session=TuneSession())
+        train_loop_per_worker(job.to_dict(), session=TuneSession(tcfg.metric))
     else:
-        from ray.tune.integration.ray_train import TuneReportCallback
-
         train_distributed(job, num_workers=tcfg.workers_per_trial, use_gpu=tcfg.gpus_per_worker > 0,
-                          cpus_per_worker=tcfg.cpus_per_worker, callbacks=[TuneReportCallback()])
+                          cpus_per_worker=tcfg.cpus_per_worker,
+                          callbacks=[validated_report_callback(tcfg.metric)])
 
 
 ENDED = "ended.json"  # SWEEP/trials/<id>/ended.json: how Tune ended the trial (written by the driver)

@@ -2,6 +2,8 @@
 streams cases, records a bad one and resumes. The whole-case predictor's tests are in
 tests/inference/test_predictor.py."""
 
+import os
+
 import pytest
 import SimpleITK as sitk
 
@@ -20,6 +22,16 @@ def test_actor_plan_leaves_cpus_for_reading():
     assert (gpu4.actors, gpu4.gpus_per_actor, gpu4.cpus_per_actor) == (4, 1.0, 1.0)
     with pytest.raises(ValueError, match="needs a GPU"):
         plan_actors(8, 0, use_gpu=True)
+    # Reading never waits for CPUs the actors hold: every plan leaves room for a prepare task.
+    for cpus, gpus, use_gpu in [(1, 0, False), (0.5, 0, False), (2, 0, False), (3, 0, False), (64, 0, False),
+                                (1, 1, True), (4, 4, True), (32, 4, True)]:
+        plan = plan_actors(cpus, gpus, use_gpu)
+        held = plan.actors * plan.cpus_per_actor + plan.prepare_tasks * plan.cpus_per_prepare
+        assert plan.cpus_per_prepare > 0 and held <= cpus + 1e-9, (cpus, gpus, plan)
+    one = plan_actors(1, 0, use_gpu=False)
+    assert (one.actors, one.cpus_per_actor, one.prepare_tasks, one.cpus_per_prepare) == (1, 0.5, 1, 0.5)
+    with pytest.raises(ValueError, match="no CPU"):
+        plan_actors(0, 0, use_gpu=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -55,3 +67,22 @@ def test_predict_folder_streams_cases_records_a_bad_one_and_resumes(tmp_path, ti
     assert again["flat"]["status"] == "failed"
     assert (outputs / "good1.nii.gz").stat().st_mtime_ns == mtime
     assert read_csv_rows(outputs / CSV_NAME)["good2"]["seconds"] == csv_rows["good2"]["seconds"]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_predict_finishes_on_a_one_cpu_ray(tmp_path, tiny_checkpoint):
+    """`panseg predict --num-cpus 1`: the actor must not hold the only CPU the prepare tasks wait for
+    (issue 20: it hung with nothing written after 150 s; two small cases take ~15 s with 2 CPUs)."""
+    import subprocess
+    import sys
+
+    inputs, outputs = tmp_path / "in", tmp_path / "out"
+    for i in (1, 2):
+        write_volume(make_case(seed=i, shape=(24, 48, 56))[0], inputs / f"good{i}_0000.nii.gz")
+    cmd = [sys.executable, "-m", "panseg.cli", "predict", "--model", str(tiny_checkpoint), "--input", str(inputs),
+           "--output", str(outputs), "--num-cpus", "1"]
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+    done = subprocess.run(cmd, env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=240)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert sorted(p.name for p in outputs.glob("*.nii.gz")) == ["good1.nii.gz", "good2.nii.gz"]

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from panseg.config import build_config
-from panseg.train_loop import load_or_create_split, make_job, train_distributed, train_local
-from panseg.training.checkpoint import load_checkpoint
+from panseg.train_loop import load_or_create_split, make_job, restart_source, train_distributed, train_local
+from panseg.training.checkpoint import latest_checkpoint, load_checkpoint
 
 
 def _cfg(*overrides):
@@ -160,8 +160,50 @@ def test_killed_worker_restarts_from_the_last_checkpoint(tiny_store, tmp_path):
     rows = _metrics(run)
     after = [r["epoch"] for r in rows if r["time"] > killed_at]
     # Resumed from the checkpoint of epoch c (or c - 1 if its report had not landed): at most one interval lost.
-    assert after and after[0] in (checkpoint_at_kill, checkpoint_at_kill + 1), (checkpoint_at_kill, after)
+    # Resumed from the newest complete checkpoint in the run directory (restart_source), whatever Ray
+    # Train had been told of: the epoch after the newest on disk at the kill, or a later one that rank 0
+    # wrote before the group stopped.
+    assert after and after[0] >= checkpoint_at_kill + 1, (checkpoint_at_kill, after)
     assert after[-1] == 6 and sorted(set(r["epoch"] for r in rows)) == [1, 2, 3, 4, 5, 6]
     restarted = json.loads((run / "workers" / "rank_1.json").read_text())["pid"]
     assert restarted != victim
     assert load_checkpoint(run / "model_final").epoch == 6
+
+
+def test_restart_source_takes_the_newer_of_ray_trains_and_the_run_directorys_checkpoint(tmp_path):
+    handed, disk = tmp_path / "handed", tmp_path / "checkpoints" / "epoch_0003"
+    assert restart_source(None, None, None, None) == (None, "no checkpoint: a new run")
+    assert restart_source(handed, 2, disk, 3)[0] == disk  # killed after writing epoch 3, before reporting it
+    assert restart_source(None, None, disk, 3)[0] == disk  # Ray Train was told of no checkpoint at all
+    assert restart_source(handed, 3, disk, 3)[0] == handed
+    assert restart_source(handed, 2, None, None)[0] == handed
+    assert "Ray Train handed over none" in restart_source(None, None, disk, 3)[1]
+
+
+def test_a_new_run_never_continues_from_another_runs_checkpoints(tiny_store, tmp_path):
+    """Checkpoints of an earlier run in the same directory are taken only with --resume."""
+    _, store, _ = tiny_store
+    run = tmp_path / "run"
+    train_local(make_job(_cfg("train.epochs=1"), str(store), str(run)))
+    assert latest_checkpoint(run / "checkpoints") is not None
+    again = make_job(_cfg("train.epochs=1"), str(store), str(run))
+    assert latest_checkpoint(run / "checkpoints", run_id=again.run_id) is None
+    assert latest_checkpoint(run / "checkpoints", run_id=load_checkpoint(run / "model_final").run_id) is not None
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_worker_killed_after_writing_a_checkpoint_and_before_reporting_it_resumes_from_it(tiny_store, tmp_path):
+    """Rank 0 SIGKILLs itself right after writing epoch 2's checkpoint, before Ray Train has it
+    (`TrainJob.drill_kill_after_epoch`): the restarted group continues from epoch 2, not from epoch 1
+    (the last one reported) or from scratch."""
+    from dataclasses import replace
+
+    _, store, _ = tiny_store
+    cfg = _cfg("train.epochs=4", "train.iterations_per_epoch=4", "train.val_every_epochs=4")
+    job = replace(make_job(cfg, str(store), str(tmp_path / "drill")), drill_kill_after_epoch=2)
+    run = train_distributed(job, num_workers=2, use_gpu=False, max_failures=2)
+    assert (run / ".drill_killed").read_text() == "2"
+    epochs = [r["epoch"] for r in _metrics(run)]
+    assert epochs == [1, 3, 4], epochs  # epoch 2's metrics were never logged: rank 0 died before it
+    assert load_checkpoint(run / "model_final").epoch == 4

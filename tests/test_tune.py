@@ -11,11 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from panseg.config import ConfigError, build_config, load_config
+from panseg.config import PRESETS, ConfigError, build_config, load_config
 from panseg.cluster import ClusterResourcesError
 from panseg.tune_search import (
     check_search_space,
     free_worker_group,
+    is_validated,
     max_concurrent_trials,
     read_trial,
     run_sweep,
@@ -179,3 +180,34 @@ def test_interrupted_sweep_resumes_without_rerunning_and_its_best_config_trains(
     assert load_config(tmp_path / "run" / "config.yaml") == best_cfg
     epochs = [json.loads(x)["epoch"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [1, 2, 3]
+
+
+def test_only_validated_epochs_reach_tune():
+    assert is_validated({"epoch": 2, "val_tumor_dsc": 0.0}, "val_tumor_dsc")
+    assert not is_validated({"epoch": 1, "train_loss": 0.9}, "val_tumor_dsc")
+    assert not is_validated({"epoch": 1, "val_tumor_dsc": None}, "val_tumor_dsc")
+
+
+SHIPPED_CADENCES = sorted({make().train.val_every_epochs for make in PRESETS.values()})
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.parametrize("val_every", SHIPPED_CADENCES)
+def test_a_sweep_runs_with_each_shipped_presets_validation_cadence(tiny_store, tmp_path, val_every):
+    """`panseg tune` with the shipped presets' own cadences (validation every 2nd / 5th epoch), where
+    the first epochs have no `val_tumor_dsc`: Tune must not refuse them (issue 20)."""
+    _, store, _ = tiny_store
+    sweep = tmp_path / "sweep"
+    overrides = [f"train.epochs={val_every + 1}", "train.iterations_per_epoch=2", f"train.val_every_epochs={val_every}",
+                 "train.val_max_cases=1", f"train.checkpoint_every_epochs={val_every}"]
+    cmd, env = _panseg("tune", "--store", str(store), "--out", str(sweep), "--preset", "tiny", "--trials", "2",
+                       "--cpus-per-worker", "1", "--num-cpus", "2", *[a for o in overrides for a in ("--set", o)])
+    done = subprocess.run(cmd, env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=400)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    table = list(__import__("csv").DictReader(open(sweep / "trials.csv")))
+    assert len(table) == 2 and all(r["best_val_tumor_dsc"] != "" for r in table), table
+    for trial in (sweep / "trials").iterdir():
+        rows = [json.loads(x) for x in (trial / "metrics.jsonl").read_text().splitlines()]
+        assert rows[0].get("val_tumor_dsc") is None  # the first epoch was not validated
+        assert [r["epoch"] for r in rows if r.get("val_tumor_dsc") is not None][0] == val_every

@@ -36,6 +36,7 @@ class TrainingState:
     best_metric: float | None
     torch_rng: torch.Tensor | None = None
     elapsed_seconds: float = 0.0  # training time (wall clock) before this checkpoint, over every resume
+    run_id: str | None = None  # the training run that wrote it (TrainJob.run_id); None in older checkpoints
 
 
 def save_checkpoint(state: TrainingState, directory: str | Path) -> Path:
@@ -53,6 +54,7 @@ def save_checkpoint(state: TrainingState, directory: str | Path) -> Path:
         "best_metric": state.best_metric,
         "torch_rng": state.torch_rng,
         "elapsed_seconds": float(state.elapsed_seconds),
+        "run_id": state.run_id,
     }
     torch.save(payload, tmp / FILE_NAME)
     if directory.exists():
@@ -97,13 +99,26 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         best_metric=payload["best_metric"],
         torch_rng=payload["torch_rng"],
         elapsed_seconds=float(payload.get("elapsed_seconds", 0.0)),  # absent in checkpoints before it was kept
+        run_id=payload.get("run_id"),
     )
 
 
-def latest_checkpoint(checkpoints_dir: str | Path) -> Path | None:
-    """The checkpoint directory with the most epochs under `checkpoints_dir` (named epoch_NNNN)."""
+def latest_checkpoint(checkpoints_dir: str | Path, run_id: str | None = None) -> Path | None:
+    """The checkpoint directory with the most epochs under `checkpoints_dir` (named epoch_NNNN), of the
+    run `run_id` only when it is given. Directories appear only complete (`save_checkpoint`)."""
     folder = Path(checkpoints_dir)
     if not folder.is_dir():
         return None
     complete = sorted(d for d in folder.glob("epoch_*") if (d / FILE_NAME).is_file())
+    if run_id is not None:
+        complete = [d for d in complete if checkpoint_run_id(d) == run_id]
     return complete[-1] if complete else None
+
+
+def checkpoint_run_id(path: str | Path) -> str | None:
+    """The run id a checkpoint records (None for older checkpoints), read without loading its tensors."""
+    try:
+        payload = torch.load(resolve_checkpoint_file(path), map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # a foreign file: not this run's
+        raise CheckpointError(f"{path} is not a loadable panseg checkpoint: {type(err).__name__}") from None
+    return payload.get("run_id") if isinstance(payload, dict) else None
