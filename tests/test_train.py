@@ -1,4 +1,4 @@
-"""Training: resume exactness and learning in local mode, DDP over Ray Train workers, worker loss."""
+"""Training: resume exactness, the training clock, snapshots and learning in local mode, DDP over Ray Train workers, worker loss."""
 
 import json
 import os
@@ -12,6 +12,7 @@ import torch
 from panseg.config import build_config
 from panseg.train_loop import load_or_create_split, make_job, train_distributed, train_local
 from panseg.training.checkpoint import load_checkpoint
+from panseg.training.parts import lr_at_epoch
 
 
 def _cfg(*overrides):
@@ -76,6 +77,41 @@ def test_resume_without_a_run_is_an_error(tiny_store, tmp_path):
     _, store, _ = tiny_store
     with pytest.raises(FileNotFoundError, match="no run to resume"):
         make_job(_cfg(), str(store), str(tmp_path / "nothing"), resume=True)
+
+
+def test_snapshots_are_complete_models_at_their_training_minutes(local_store, tmp_path):
+    """train.snapshot_minutes keeps the model at the first epoch end past each minute; a snapshot is a
+    checkpoint folder the predictor loads, with snapshot.json beside it."""
+    from panseg.inference.predictor import load_predictor
+
+    cfg = _cfg("train.epochs=1", "train.iterations_per_epoch=1", "train.snapshot_minutes=[0.0001, 0.0002, 600]")
+    run = train_local(make_job(cfg, str(local_store), str(tmp_path / "run")))
+    folders = sorted(p.name for p in (run / "snapshots").iterdir())
+    assert folders == ["minute_0.0001", "minute_0.0002"]  # 600 minutes never came
+    for name in folders:
+        info = json.loads((run / "snapshots" / name / "snapshot.json").read_text())
+        assert info["epoch"] == 1 and info["steps"] == 1  # both minutes had passed by the first epoch end
+        assert info["elapsed_seconds"] >= 60 * info["minutes"]
+        state = load_checkpoint(run / "snapshots" / name)
+        assert state.epoch == 1 and state.optimizer is None and state.elapsed_seconds == info["elapsed_seconds"]
+        predictor = load_predictor(run / "snapshots" / name, device="cpu")
+        assert predictor is not None
+    assert not list((run / "snapshots").glob(".tmp-*"))
+
+
+def test_a_resumed_poly_time_run_continues_the_clock_of_its_checkpoint(local_store, tmp_path):
+    cfg = _cfg("train.epochs=2", "train.iterations_per_epoch=1", "train.val_every_epochs=2",
+               "train.time_limit_minutes=60", "train.lr_schedule=poly_time")
+    run = tmp_path / "run"
+    train_local(make_job(cfg, str(local_store), str(run), stop_after_epochs=1))
+    first = load_checkpoint(run / "checkpoints" / "epoch_0001")
+    assert first.elapsed_seconds > 0
+    train_local(make_job(cfg, str(local_store), str(run), resume=True))
+    second = load_checkpoint(run / "checkpoints" / "epoch_0002")
+    assert second.elapsed_seconds > first.elapsed_seconds
+    lr_second = _metrics(run)[-1]["lr"]  # epoch 2 started at the first run's clock, plus the restore
+    assert lr_at_epoch(cfg.train, 1, second.elapsed_seconds) <= lr_second <= lr_at_epoch(cfg.train, 1, first.elapsed_seconds)
+    assert lr_second < cfg.train.lr
 
 
 @pytest.mark.slow
