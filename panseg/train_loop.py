@@ -30,6 +30,7 @@ import torch
 
 from panseg.config import TUMOR_ID, PansegConfig, TrainConfig, config_from_json, config_to_json
 from panseg.training.checkpoint import TrainingState, latest_checkpoint, load_checkpoint, save_checkpoint
+from panseg.training.init_from import initialise_from, load_init_source
 from panseg.training.parts import (
     Session,
     build_training_parts,
@@ -256,6 +257,7 @@ def _restore(job: TrainJob, session: Session, parts) -> tuple[int, float | None,
     if directory is None and job.resume:
         directory = latest_checkpoint(Path(job.run_dir) / "checkpoints")
     if directory is None:
+        _initialise_new_run(job, session, parts)
         return 0, None, 0.0
     state = load_checkpoint(directory, map_location=session.device)
     parts.model.load_state_dict(state.model)
@@ -266,6 +268,16 @@ def _restore(job: TrainJob, session: Session, parts) -> tuple[int, float | None,
     if session.rank == 0:
         print(f"train: resumed from {directory} after epoch {state.epoch}", flush=True)
     return state.epoch, state.best_metric, state.elapsed_seconds
+
+
+def _initialise_new_run(job: TrainJob, session: Session, parts) -> None:
+    """A new run with `train.init_from` starts from that model's weights (every rank loads the same)."""
+    if job.cfg.train.init_from is None:
+        return
+    source = load_init_source(job.cfg.train.init_from, job.cfg)
+    result = initialise_from(parts.model, source, job.cfg.train.init_from)
+    if session.rank == 0:
+        print(result.describe(), flush=True)
 
 
 def _update_best(best: float | None, metrics: dict, cfg: PansegConfig) -> tuple[float | None, bool]:
@@ -419,7 +431,8 @@ def load_or_create_split(store: str, split_file: str | Path, val_fraction: float
 
 def make_job(cfg: PansegConfig, store: str, run_dir: str, split_file: str | None = None, resume: bool = False,
              stop_after_epochs: int | None = None) -> TrainJob:
-    """Check the store against the config, write RUN/config.yaml, and fix the split."""
+    """Check the store against the config (and `train.init_from`'s network against it for a new run),
+    write RUN/config.yaml, and fix the split."""
     from panseg.config import save_config
 
     cfg = resolve_config(cfg, store)
@@ -427,6 +440,8 @@ def make_job(cfg: PansegConfig, store: str, run_dir: str, split_file: str | None
     run.mkdir(parents=True, exist_ok=True)
     if resume and not (run / "config.yaml").is_file():
         raise FileNotFoundError(f"--resume: {run} holds no config.yaml, so there is no run to resume")
+    if cfg.train.init_from is not None and not resume:
+        load_init_source(cfg.train.init_from, cfg)  # another network is refused before any worker starts
     save_config(cfg, run / "config.yaml")
     split = load_or_create_split(store, split_file or run / "split.json", cfg.train.val_fraction, cfg.train.seed)
     return TrainJob(cfg, str(Path(store).resolve()) if "://" not in store else store, str(run.resolve()),

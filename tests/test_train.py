@@ -201,3 +201,22 @@ def test_killed_worker_restarts_from_the_last_checkpoint(tiny_store, tmp_path):
     restarted = json.loads((run / "workers" / "rank_1.json").read_text())["pid"]
     assert restarted != victim
     assert load_checkpoint(run / "model_final").epoch == 6
+
+
+def test_init_from_starts_a_new_run_but_not_a_resume(local_store, tmp_path):
+    """A new run with train.init_from trains from the source's weights; another network is refused by
+    make_job, before any training; a resume takes its own checkpoint."""
+    from panseg.training.init_from import InitFromError
+
+    source = train_local(make_job(_cfg("train.epochs=1", "train.iterations_per_epoch=1"), str(local_store),
+                                  str(tmp_path / "source")))
+    cfg = _cfg("train.epochs=1", "train.iterations_per_epoch=1", f"train.init_from={source}", "train.lr=1e-12")
+    run = train_local(make_job(cfg, str(local_store), str(tmp_path / "run")))
+    a, b = load_checkpoint(source / "model_final").model, load_checkpoint(run / "model_final").model
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a if "running" not in k)  # lr ~0: still the source's
+    with pytest.raises(InitFromError, match="model.features_per_stage"):
+        make_job(_cfg("model.features_per_stage=[4, 8, 16, 32]", f"train.init_from={source}"), str(local_store),
+                 str(tmp_path / "other"))
+    assert not (tmp_path / "other" / "config.yaml").exists()
+    gone = _cfg("train.epochs=2", "train.iterations_per_epoch=1", f"train.init_from={tmp_path / 'gone'}")
+    assert make_job(gone, str(local_store), str(run), resume=True).resume  # a resume never reads init_from
