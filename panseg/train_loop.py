@@ -39,6 +39,7 @@ from panseg.training.parts import (
     selection_metric,
     validate,
 )
+from panseg.training.progress import MetricsFollower, epoch_line
 from panseg.training.sampling import PatchSampler
 
 
@@ -168,7 +169,8 @@ def train_loop_per_worker(config: dict, session: Session | None = None) -> None:
                 group["lr"] = lr
             train_loss = _train_epoch(model, parts, sampler, pool, tcfg, epoch, iterations, session)
             metrics = {"epoch": epoch + 1, "train_loss": train_loss, "lr": lr,
-                       "epoch_seconds": time.perf_counter() - started, "world_size": session.world_size}
+                       "epoch_seconds": time.perf_counter() - started, "world_size": session.world_size,
+                       "elapsed_seconds": clock.elapsed()}
             out_of_time = (tcfg.time_limit_minutes is not None
                            and _any_rank(session, clock.elapsed() > 60.0 * tcfg.time_limit_minutes))
             if snapshots:
@@ -186,6 +188,8 @@ def train_loop_per_worker(config: dict, session: Session | None = None) -> None:
             if log:
                 log.append({**metrics, "time": time.time()})
             session.report(metrics, checkpoint_dir)
+            if session.rank == 0:
+                print(epoch_line(metrics, tcfg), flush=True)
             if out_of_time:
                 if session.rank == 0:
                     print(f"train: train.time_limit_minutes={tcfg.time_limit_minutes} reached after epoch "
@@ -479,10 +483,12 @@ def train_local(job: TrainJob) -> Path:
 
 
 def train_distributed(job: TrainJob, num_workers: int, use_gpu: bool, cpus_per_worker: float = 1.0,
-                      max_failures: int = 2, address: str | None = None, callbacks: list | None = None) -> Path:
+                      max_failures: int = 2, address: str | None = None, callbacks: list | None = None,
+                      follow_progress: bool = False) -> Path:
     """DDP over `num_workers` Ray Train workers (any number of nodes); restarts from the last checkpoint
     when a worker dies, up to `max_failures` times. `callbacks` go to Ray Train's RunConfig (a Tune
-    trial passes `TuneReportCallback`).
+    trial passes `TuneReportCallback`). `follow_progress`: print rank 0's epoch lines from
+    RUN/metrics.jsonl here, for a driver whose Ray does not forward worker output (log_to_driver=False).
     """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -504,7 +510,11 @@ def train_distributed(job: TrainJob, num_workers: int, use_gpu: bool, cpus_per_w
                                  failure_config=FailureConfig(max_failures=max_failures),
                                  callbacks=callbacks or None),
         )
-        trainer.fit()
+        if follow_progress:
+            with MetricsFollower(job.run_dir, job.cfg.train):
+                trainer.fit()
+        else:
+            trainer.fit()
     finally:
         if started_here:
             ray.shutdown()
