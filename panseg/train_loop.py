@@ -423,14 +423,21 @@ def load_or_create_split(store: str, split_file: str | Path, val_fraction: float
         return split
     if len(ok) < 2:
         raise ValueError(f"store {store} has {len(ok)} labelled case(s); training needs at least 2 (1 to validate)")
-    order = np.random.default_rng(seed).permutation(len(ok))
-    n_val = min(len(ok) - 1, max(1, round(len(ok) * val_fraction)))
-    split = {"seed": seed, "val": sorted(ok[i] for i in order[:n_val]), "train": sorted(ok[i] for i in order[n_val:])}
+    split = seeded_split(ok, val_fraction, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(split, indent=2))
     os.replace(tmp, path)
     return split
+
+
+def seeded_split(case_ids: list[str], val_fraction: float, seed: int) -> dict:
+    """{"seed", "val", "train"}: `val_fraction` of the (sorted) cases held out (at least 1, at most all
+    but 1) by a permutation seeded with `seed`; the rest train."""
+    ok = sorted(case_ids)
+    order = np.random.default_rng(seed).permutation(len(ok))
+    n_val = min(len(ok) - 1, max(1, round(len(ok) * val_fraction)))
+    return {"seed": seed, "val": sorted(ok[i] for i in order[:n_val]), "train": sorted(ok[i] for i in order[n_val:])}
 
 
 def make_job(cfg: PansegConfig, store: str, run_dir: str, split_file: str | None = None, resume: bool = False,
@@ -549,4 +556,4 @@ def _check_cluster_fits(num_workers: int, use_gpu: bool, cpus_per_worker: float)
 
 
 __all__ = ["RayTrainSession", "TrainJob", "load_or_create_split", "make_job", "make_session", "read_metrics",
-           "resolve_config", "summarize_run", "train_distributed", "train_local", "train_loop_per_worker"]
+           "resolve_config", "seeded_split", "summarize_run", "train_distributed", "train_local", "train_loop_per_worker"]
