@@ -251,7 +251,8 @@ def _write_report(work: Path, run: Path, started: float) -> dict:
         return {}
     sources = sources_from_paths([run, work / "predictions"], images_dir=work / "held_out_images",
                                  gt_dir=work / "held_out_truth")
-    result = build_report(sources, work / "report.html", title="panseg demo")
+    result = build_report(sources, work / "report.html", title="panseg demo: the test cases",
+                          truth_name="the complete truth (every lesion)")
     print(f"wrote {result.path} ({result.cases_drawn} case(s) drawn); open it in a browser")
     return {"report": result.path}
 

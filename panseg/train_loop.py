@@ -556,4 +556,5 @@ def _check_cluster_fits(num_workers: int, use_gpu: bool, cpus_per_worker: float)
 
 
 __all__ = ["RayTrainSession", "TrainJob", "load_or_create_split", "make_job", "make_session", "read_metrics",
-           "resolve_config", "seeded_split", "summarize_run", "train_distributed", "train_local", "train_loop_per_worker"]
+           "resolve_config", "seeded_split", "summarize_run", "train_distributed", "train_local",
+           "train_loop_per_worker"]

@@ -1,4 +1,5 @@
-"""Training: resume exactness, the training clock, snapshots and learning in local mode, DDP over Ray Train workers, worker loss."""
+"""Training: resume exactness, the training clock, snapshots, init_from and learning in local mode, DDP over
+Ray Train workers, worker loss."""
 
 import json
 import os
@@ -110,7 +111,8 @@ def test_a_resumed_poly_time_run_continues_the_clock_of_its_checkpoint(local_sto
     second = load_checkpoint(run / "checkpoints" / "epoch_0002")
     assert second.elapsed_seconds > first.elapsed_seconds
     lr_second = _metrics(run)[-1]["lr"]  # epoch 2 started at the first run's clock, plus the restore
-    assert lr_at_epoch(cfg.train, 1, second.elapsed_seconds) <= lr_second <= lr_at_epoch(cfg.train, 1, first.elapsed_seconds)
+    latest, earliest = lr_at_epoch(cfg.train, 1, second.elapsed_seconds), lr_at_epoch(cfg.train, 1, first.elapsed_seconds)
+    assert latest <= lr_second <= earliest
     assert lr_second < cfg.train.lr
 
 

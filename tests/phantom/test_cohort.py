@@ -304,7 +304,8 @@ def test_the_summary_is_one_line_and_the_table_keeps_it_first():
                            (2.0, 2.0, 2.0), (0.0, 0.0, 0.0), (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0), lesions, 10, 0.1)
 
     summary = CohortSummary("/raw", 0, True, False, "/truth", (
-        case("phantom_000", False, "portal", (40, 60, 60), 2), case("phantom_001", False, "non_contrast", (44, 64, 60), 1),
+        case("phantom_000", False, "portal", (40, 60, 60), 2),
+        case("phantom_001", False, "non_contrast", (44, 64, 60), 1),
         case("phantom_healthy_000", True, "arterial", (38, 60, 62), 0)), 1.25)
     line = summary.summary_line()
     assert "\n" not in line
