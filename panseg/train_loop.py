@@ -41,6 +41,7 @@ from panseg.training.parts import (
 )
 from panseg.training.progress import MetricsFollower, epoch_line
 from panseg.training.sampling import PatchSampler
+from panseg.training.snapshots import Snapshots, TrainingClock
 
 
 # ----------------------------------------------------------------------------------------------
@@ -159,8 +160,8 @@ def train_loop_per_worker(config: dict, session: Session | None = None) -> None:
     end_epoch = tcfg.epochs if job.stop_after_epochs is None else min(tcfg.epochs, start_epoch + job.stop_after_epochs)
     iterations = max(1, math.ceil(tcfg.iterations_per_epoch / session.world_size))
     log = _MetricsLog(job.run_dir) if session.rank == 0 else None
-    clock = _TrainingClock(elapsed_before)
-    snapshots = _Snapshots(job, tcfg.snapshot_minutes, elapsed_before) if session.rank == 0 else None
+    clock = TrainingClock(elapsed_before)
+    snapshots = Snapshots(job.run_dir, cfg, tcfg.snapshot_minutes, elapsed_before) if session.rank == 0 else None
     with ThreadPoolExecutor(max_workers=max(1, tcfg.loader_threads)) as pool:
         for epoch in range(start_epoch, end_epoch):
             started = time.perf_counter()
@@ -312,37 +313,6 @@ def _write_checkpoints(job: TrainJob, session: Session, parts, epochs_done: int,
         _prune_checkpoints(run / "checkpoints", keep=2)
     session.barrier()
     return directory if session.rank == 0 else None
-
-
-class _TrainingClock:
-    """Wall-clock seconds of training, counting the runs this one resumes (for `poly_time`, the time
-    limit and snapshots)."""
-
-    def __init__(self, before: float):
-        self.before, self.started = before, time.monotonic()
-
-    def elapsed(self) -> float:
-        return self.before + time.monotonic() - self.started
-
-
-class _Snapshots:
-    """RUN/snapshots/minute_M: the model at the first epoch end past each of `train.snapshot_minutes`
-    (rank 0), each beside a snapshot.json with its epoch, steps and training seconds."""
-
-    def __init__(self, job: TrainJob, minutes: tuple[float, ...], elapsed_before: float):
-        self.job = job
-        self.pending = sorted(m for m in minutes if 60.0 * m > elapsed_before)
-
-    def save_due(self, model: torch.nn.Module, epochs_done: int, steps: int, elapsed: float) -> None:
-        while self.pending and elapsed >= 60.0 * self.pending[0]:
-            minute = self.pending.pop(0)
-            folder = Path(self.job.run_dir) / "snapshots" / f"minute_{minute:g}"
-            save_checkpoint(TrainingState(self.job.cfg, epochs_done, model.state_dict(), None, None, None, elapsed),
-                            folder)
-            info = {"minutes": minute, "epoch": epochs_done, "steps": steps, "elapsed_seconds": elapsed}
-            tmp = folder / ".snapshot.json.tmp"
-            tmp.write_text(json.dumps(info))
-            os.replace(tmp, folder / "snapshot.json")
 
 
 def _prune_checkpoints(folder: Path, keep: int) -> None:
