@@ -157,12 +157,13 @@ def start_quiet_local_ray(num_cpus: int | None) -> None:
     """The demo's local Ray: worker output stays in Ray's log files (rank 0's epoch lines are followed
     from RUN/metrics.jsonl), and token authentication is on as Ray 2.60 makes it for a new local
     cluster, but chosen here (RAY_AUTH_MODE=token unless the user set a mode), so Ray does not print its
-    notice that it turned it on."""
+    notice that it turned it on. With RAY_ADDRESS set, Ray joins that cluster and its own rules apply."""
     import os
 
     import ray
 
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    if not os.environ.get("RAY_ADDRESS"):
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
 
 
@@ -212,7 +213,7 @@ def _predict_and_evaluate(work: Path, raw: Path, truth: Path, run: Path, case_id
     infer = replace(load_checkpoint(run).cfg.infer, all_labels=True)  # organs too, for the organ Dice
     predict_folder(run, held_out, all_labels, num_cpus=num_cpus, progress=True, infer=infer)
     _tumor_masks(all_labels, predictions)
-    print(f"wrote the class maps of {len(case_ids)} test cases to {all_labels} and their tumor masks to {predictions}")
+    print(f"wrote the class maps of the {len(case_ids)} cases to {all_labels} and their tumor masks to {predictions}")
 
     _stage(stage_names[1], started)
     for name, gt in (("partial labels (primary lesion only)", gt_partial), ("complete truth (every lesion)", gt_full)):
