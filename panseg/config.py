@@ -195,6 +195,9 @@ class TrainConfig:
     time_limit_minutes: float | None = None  # end the run (validated, final model) at the first epoch end past it
     # Training minutes at which RUN/snapshots/minute_M keeps the model (at the first epoch end past M).
     snapshot_minutes: tuple[float, ...] = ()
+    # A panseg checkpoint or run (e.g. the stage-one organ model) whose weights a new run starts from,
+    # heads resized to this run's classes (panseg.training.init_from); a resume takes its own checkpoint.
+    init_from: str | None = None
     val_fraction: float = 0.2  # held-out share of labelled cases when the split file is created
     val_max_cases: int = 20  # at most this many held-out cases per validation
     loader_threads: int = 2  # threads reading patches from the store ahead of the step

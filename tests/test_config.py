@@ -73,6 +73,8 @@ def test_unknown_section_is_an_error(tmp_path):
         ("tune.search_space=[{key: train.nope, low: 1, high: 2}]", "train.nope"),
         ("tune.search_space=[{key: train.optimizer, low: 1, high: 2}]", "not a numeric config key"),
         ("lr", "section.key=value"),
+        ("train.lr_schedule=poly_time", "poly_time decays over train.time_limit_minutes, which is null"),
+        ("train.snapshot_minutes=[5, 0]", "train.snapshot_minutes must all be > 0"),
     ],
 )
 def test_wrong_values_are_errors(override, fragment):

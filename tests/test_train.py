@@ -1,4 +1,5 @@
-"""Training: resume exactness and learning in local mode, DDP over Ray Train workers, worker loss."""
+"""Training: resume exactness, the training clock, snapshots, init_from and learning in local mode, DDP over
+Ray Train workers, worker loss."""
 
 import json
 import os
@@ -12,6 +13,7 @@ import torch
 from panseg.config import build_config
 from panseg.train_loop import load_or_create_split, make_job, restart_source, train_distributed, train_local
 from panseg.training.checkpoint import latest_checkpoint, load_checkpoint
+from panseg.training.parts import lr_at_epoch
 
 
 def _cfg(*overrides):
@@ -76,6 +78,42 @@ def test_resume_without_a_run_is_an_error(tiny_store, tmp_path):
     _, store, _ = tiny_store
     with pytest.raises(FileNotFoundError, match="no run to resume"):
         make_job(_cfg(), str(store), str(tmp_path / "nothing"), resume=True)
+
+
+def test_snapshots_are_complete_models_at_their_training_minutes(local_store, tmp_path):
+    """train.snapshot_minutes keeps the model at the first epoch end past each minute; a snapshot is a
+    checkpoint folder the predictor loads, with snapshot.json beside it."""
+    from panseg.inference.predictor import load_predictor
+
+    cfg = _cfg("train.epochs=1", "train.iterations_per_epoch=1", "train.snapshot_minutes=[0.0001, 0.0002, 600]")
+    run = train_local(make_job(cfg, str(local_store), str(tmp_path / "run")))
+    folders = sorted(p.name for p in (run / "snapshots").iterdir())
+    assert folders == ["minute_0.0001", "minute_0.0002"]  # 600 minutes never came
+    for name in folders:
+        info = json.loads((run / "snapshots" / name / "snapshot.json").read_text())
+        assert info["epoch"] == 1 and info["steps"] == 1  # both minutes had passed by the first epoch end
+        assert info["elapsed_seconds"] >= 60 * info["minutes"]
+        state = load_checkpoint(run / "snapshots" / name)
+        assert state.epoch == 1 and state.optimizer is None and state.elapsed_seconds == info["elapsed_seconds"]
+        predictor = load_predictor(run / "snapshots" / name, device="cpu")
+        assert predictor is not None
+    assert not list((run / "snapshots").glob(".tmp-*"))
+
+
+def test_a_resumed_poly_time_run_continues_the_clock_of_its_checkpoint(local_store, tmp_path):
+    cfg = _cfg("train.epochs=2", "train.iterations_per_epoch=1", "train.val_every_epochs=2",
+               "train.time_limit_minutes=60", "train.lr_schedule=poly_time")
+    run = tmp_path / "run"
+    train_local(make_job(cfg, str(local_store), str(run), stop_after_epochs=1))
+    first = load_checkpoint(run / "checkpoints" / "epoch_0001")
+    assert first.elapsed_seconds > 0
+    train_local(make_job(cfg, str(local_store), str(run), resume=True))
+    second = load_checkpoint(run / "checkpoints" / "epoch_0002")
+    assert second.elapsed_seconds > first.elapsed_seconds
+    lr_second = _metrics(run)[-1]["lr"]  # epoch 2 started at the first run's clock, plus the restore
+    latest, earliest = lr_at_epoch(cfg.train, 1, second.elapsed_seconds), lr_at_epoch(cfg.train, 1, first.elapsed_seconds)
+    assert latest <= lr_second <= earliest
+    assert lr_second < cfg.train.lr
 
 
 @pytest.mark.slow
@@ -180,9 +218,9 @@ def test_restart_source_takes_the_newer_of_ray_trains_and_the_run_directorys_che
     assert "Ray Train handed over none" in restart_source(None, None, disk, 3)[1]
 
 
-def test_a_new_run_never_continues_from_another_runs_checkpoints(tiny_store, tmp_path):
+def test_a_new_run_never_continues_from_another_runs_checkpoints(local_store, tmp_path):
     """Checkpoints of an earlier run in the same directory are taken only with --resume."""
-    _, store, _ = tiny_store
+    store = local_store
     run = tmp_path / "run"
     train_local(make_job(_cfg("train.epochs=1"), str(store), str(run)))
     assert latest_checkpoint(run / "checkpoints") is not None
@@ -207,3 +245,22 @@ def test_a_worker_killed_after_writing_a_checkpoint_and_before_reporting_it_resu
     epochs = [r["epoch"] for r in _metrics(run)]
     assert epochs == [1, 3, 4], epochs  # epoch 2's metrics were never logged: rank 0 died before it
     assert load_checkpoint(run / "model_final").epoch == 4
+
+
+def test_init_from_starts_a_new_run_but_not_a_resume(local_store, tmp_path):
+    """A new run with train.init_from trains from the source's weights; another network is refused by
+    make_job, before any training; a resume takes its own checkpoint."""
+    from panseg.training.init_from import InitFromError
+
+    source = train_local(make_job(_cfg("train.epochs=1", "train.iterations_per_epoch=1"), str(local_store),
+                                  str(tmp_path / "source")))
+    cfg = _cfg("train.epochs=1", "train.iterations_per_epoch=1", f"train.init_from={source}", "train.lr=1e-12")
+    run = train_local(make_job(cfg, str(local_store), str(tmp_path / "run")))
+    a, b = load_checkpoint(source / "model_final").model, load_checkpoint(run / "model_final").model
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a if "running" not in k)  # lr ~0: still the source's
+    with pytest.raises(InitFromError, match="model.features_per_stage"):
+        make_job(_cfg("model.features_per_stage=[4, 8, 16, 32]", f"train.init_from={source}"), str(local_store),
+                 str(tmp_path / "other"))
+    assert not (tmp_path / "other" / "config.yaml").exists()
+    gone = _cfg("train.epochs=2", "train.iterations_per_epoch=1", f"train.init_from={tmp_path / 'gone'}")
+    assert make_job(gone, str(local_store), str(run), resume=True).resume  # a resume never reads init_from

@@ -292,13 +292,24 @@ class CohortSummary:
     def healthy_ids(self) -> tuple[str, ...]:
         return tuple(c.case_id for c in self.cases if c.healthy)
 
-    def describe(self) -> str:
-        """A short table of the cohort, for the command line."""
+    def summary_line(self) -> str:
+        """One line on the cohort: counts, phases, lesions and the range of shapes."""
         diseased = len(self.cases) - len(self.healthy_ids)
         mode = "small" if self.small else "realistic"
         task = "organ cohort (labelsTr = organs 1-13)" if self.organ_cohort else "tumor cohort"
-        lines = [f"phantom cohort in {self.out_dir}: {len(self.cases)} cases ({diseased} with lesions, "
-                 f"{len(self.healthy_ids)} healthy), seed {self.seed}, {mode}, {task}, {self.seconds:.1f} s",
+        phases = {}
+        for c in self.cases:
+            phases[c.phase] = phases.get(c.phase, 0) + 1
+        shapes = sorted(c.shape_zyx for c in self.cases)
+        low, high = ("x".join(str(n) for n in shape) for shape in (shapes[0], shapes[-1]))
+        return (f"phantom cohort in {self.out_dir}: {len(self.cases)} cases ({diseased} with lesions, "
+                f"{len(self.healthy_ids)} healthy; {sum(c.lesions for c in self.cases)} lesions; phases "
+                + ", ".join(f"{name} {n}" for name, n in sorted(phases.items()))
+                + f"; shapes {low} to {high}), seed {self.seed}, {mode}, {task}, {self.seconds:.1f} s")
+
+    def describe(self) -> str:
+        """`summary_line` and a short table of the cases, for the command line."""
+        lines = [self.summary_line(),
                  f"{'case_id':<24} {'kind':<9} {'phase':<12} {'orient':<7} {'lesions':>7} "
                  f"{'shape (z, y, x)':<17} spacing (z, y, x) mm"]
         for c in self.cases:

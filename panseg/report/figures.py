@@ -34,6 +34,8 @@ from panseg.preprocessing.crop import Box, mask_bbox
 WINDOW_HU = (-160.0, 240.0)  # the paper's clip range: soft tissue and lesions stay distinguishable
 TRUTH_COLOR = "#22c55e"  # green fill
 PREDICTION_COLOR = "#ff2d55"  # red contour: visible over the green fill and over bone
+PREDICTION_FILL_ALPHA = 0.3  # the prediction is also filled faintly, so a lesion of a voxel or two shows
+CONTOUR_PX = 2.0  # contour width in pixels, whatever the dpi
 CROP_COLOR = "#facc15"  # yellow dashes
 PANEL_HEIGHT_IN = 3.6
 
@@ -173,8 +175,10 @@ def _cut(volume: np.ndarray, plane: _Plane, index: int) -> np.ndarray:
 def render_case_png(view: CaseView, title: str = "", dpi: int = 100) -> bytes:
     """Axial, coronal and sagittal planes through `view.point` with truth, prediction and crop box.
 
-    The CT is windowed to WINDOW_HU; the ground truth is a translucent green fill, the prediction a red
-    contour, the crop box yellow dashes where the plane passes through it.
+    The CT is windowed to WINDOW_HU; the ground truth is a translucent green fill, the prediction a faint
+    red fill inside a 2-pixel red contour (so a one-voxel lesion shows), the crop box yellow dashes where
+    the plane passes through it. Every case's panels are PANEL_HEIGHT_IN tall at one scale (mm per pixel)
+    for the three planes; the figure is as wide as they need.
 
     Returns:
         PNG bytes.
@@ -182,15 +186,18 @@ def render_case_png(view: CaseView, title: str = "", dpi: int = 100) -> bytes:
     spacing = view.spacing_zyx_mm
     widths = [view.ct.shape[p.col_axis] * spacing[p.col_axis] / (view.ct.shape[p.row_axis] * spacing[p.row_axis])
               for p in _PLANES]
-    fig = Figure(figsize=(min(18.0, max(7.0, PANEL_HEIGHT_IN * sum(widths) + 0.6)), PANEL_HEIGHT_IN + 0.9), dpi=dpi)
+    # No upper bound on the width: a cap would shrink this case's panels below the others'.
+    fig = Figure(figsize=(max(7.0, PANEL_HEIGHT_IN * sum(widths) + 0.6), PANEL_HEIGHT_IN + 0.9), dpi=dpi)
     axes = fig.subplots(1, 3, gridspec_kw={"width_ratios": widths})
     for ax, plane in zip(axes, _PLANES):
-        _draw_plane(ax, view, plane)
+        _draw_plane(ax, view, plane, contour_pt=CONTOUR_PX * 72.0 / dpi)
     handles = [Line2D([], [], color=CROP_COLOR, linestyle="--", label="crop box")]
     if view.truth is not None:
         handles.insert(0, Patch(facecolor=TRUTH_COLOR, alpha=0.5, label="ground truth"))
     if view.prediction is not None:
-        handles.insert(1 if view.truth is not None else 0, Line2D([], [], color=PREDICTION_COLOR, label="prediction"))
+        handles.insert(1 if view.truth is not None else 0,
+                       Patch(facecolor=(*_rgb(PREDICTION_COLOR), PREDICTION_FILL_ALPHA), edgecolor=PREDICTION_COLOR,
+                             linewidth=1.5, label="prediction"))
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False, fontsize=9)
     if title:
         fig.suptitle(title, fontsize=10)
@@ -198,7 +205,11 @@ def render_case_png(view: CaseView, title: str = "", dpi: int = 100) -> bytes:
     return _png_bytes(fig)
 
 
-def _draw_plane(ax, view: CaseView, plane: _Plane) -> None:
+def _rgb(hex_color: str) -> tuple[float, float, float]:
+    return tuple(int(hex_color[i:i + 2], 16) / 255 for i in (1, 3, 5))
+
+
+def _draw_plane(ax, view: CaseView, plane: _Plane, contour_pt: float) -> None:
     index = view.point.zyx[plane.fixed_axis]
     aspect = view.spacing_zyx_mm[plane.row_axis] / view.spacing_zyx_mm[plane.col_axis]
     ax.imshow(_cut(view.ct, plane, index), cmap="gray", vmin=WINDOW_HU[0], vmax=WINDOW_HU[1], origin=plane.origin,
@@ -211,7 +222,9 @@ def _draw_plane(ax, view: CaseView, plane: _Plane) -> None:
     if view.prediction is not None:
         pred = (_cut(view.prediction, plane, index) != 0).astype(np.float32)
         if pred.any():
-            ax.contour(pred, levels=[0.5], colors=[PREDICTION_COLOR], linewidths=1.3)
+            ax.imshow(np.ma.masked_where(pred == 0, pred), cmap=ListedColormap([PREDICTION_COLOR]),
+                      alpha=PREDICTION_FILL_ALPHA, origin=plane.origin, aspect=aspect, interpolation="nearest")
+            ax.contour(pred, levels=[0.5], colors=[PREDICTION_COLOR], linewidths=contour_pt)
     note = ""
     if view.crop_box is not None:
         box = view.crop_box
@@ -228,7 +241,9 @@ def _draw_plane(ax, view: CaseView, plane: _Plane) -> None:
 
 
 def render_curves_png(rows: list[dict], dpi: int = 80) -> bytes:
-    """Training curves: train loss, and every `val_*` score (float; counts are left out), by epoch.
+    """Training curves by epoch: train loss; the organ scores (`val_*` but tumor); the tumor scores
+    (`val_tumor_*`) on an axis of their own, since they are often a tenth of the organ Dice. Floats
+    only: counts such as val_cases are left out.
 
     Args:
         rows: one dict per epoch with 'epoch' and 'train_loss' (RUN/metrics.jsonl, deduplicated).
@@ -245,16 +260,19 @@ def render_curves_png(rows: list[dict], dpi: int = 80) -> bytes:
     # Scores are floats; integer val_* entries are counts (val_cases) and would flatten the score axis.
     val_keys = sorted({k for r in rows for k, v in r.items() if k.startswith("val_") and isinstance(v, float)
                        and _is_number(v)})
-    fig = Figure(figsize=(10.0 if val_keys else 5.5, 3.4), dpi=dpi)
-    axes = fig.subplots(1, 2 if val_keys else 1, squeeze=False, sharex=True)[0]  # one epoch axis
+    groups = [(title, keys) for title, keys in
+              (("validation: organs", [k for k in val_keys if not k.startswith("val_tumor")]),
+               ("validation: tumor", [k for k in val_keys if k.startswith("val_tumor")])) if keys]
+    fig = Figure(figsize=(5.5 + 4.5 * len(groups), 3.4), dpi=dpi)
+    axes = fig.subplots(1, 1 + len(groups), squeeze=False, sharex=True)[0]  # one epoch axis
     axes[0].plot(*zip(*loss), marker=".", color="#2563eb")
     axes[0].set(title="train loss", xlabel="epoch")
-    if val_keys:
-        for key in val_keys:
+    for ax, (title, keys) in zip(axes[1:], groups):
+        for key in keys:
             points = [(r["epoch"], r[key]) for r in rows if _is_number(r.get(key)) and _is_number(r.get("epoch"))]
-            axes[1].plot(*zip(*points), marker="o", label=key)
-        axes[1].set(title="validation", xlabel="epoch")
-        axes[1].legend(fontsize=8)
+            ax.plot(*zip(*points), marker="o", label=key)
+        ax.set(title=title, xlabel="epoch")
+        ax.legend(fontsize=8)
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))

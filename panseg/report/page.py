@@ -310,7 +310,8 @@ th {{ background: #f3f4f6; cursor: pointer; user-select: none; }}
 th[aria-sort=ascending]::after {{ content: " \\25B2"; }}
 th[aria-sort=descending]::after {{ content: " \\25BC"; }}
 section.case {{ margin: 1.5em 0; }}
-section.case img {{ max-width: 100%; }}
+section.case {{ overflow-x: auto; }}
+section.case img {{ max-width: none; }}  /* natural size: every case's panels the same height */
 .error {{ color: #b91c1c; }}
 pre {{ background: #f9fafb; padding: 0.6em; }}
 </style></head>
@@ -352,6 +353,13 @@ _TAIL = """<script>
 """
 
 
+RULES_HTML = ("The <code>rule</code> column is the FLARE 2024 rule that scored the case: <code>scored</code> "
+              "DSC and NSD (2 mm); <code>low_dsc</code> DSC &lt; 0.2, so NSD counts as 0; <code>both_empty</code> "
+              "no lesion in the truth or the prediction, DSC 1 and NSD 1; <code>one_empty</code> a lesion in "
+              "only one of them, 0 and 0; <code>invalid_labels</code>, <code>missing</code>, "
+              "<code>geometry_mismatch</code>, <code>read_error</code> 0 and 0.")
+
+
 def build_html(title: str, sources_html: str, curves: bytes | None, summary: str, table: str,
                figures: list[CaseFigure], notes: list[str]) -> str:
     """The whole page (see the module docstring); every argument is already safe HTML or bytes."""
@@ -361,7 +369,7 @@ def build_html(title: str, sources_html: str, curves: bytes | None, summary: str
         parts += ["<h2>Training</h2>", png_img(curves, "training curves")]
     if summary:
         parts += ["<h2>Summary</h2>", f"<pre>{html.escape(summary)}</pre>"]
-    parts += ["<h2>Cases</h2>", "<p>Click a column to sort.</p>", table]
+    parts += ["<h2>Cases</h2>", f"<p>Click a column to sort. {RULES_HTML}</p>", table]
     for figure in figures:
         parts.append(f'<section class="case" id="case-{html.escape(figure.case_id)}"><h3>{html.escape(figure.case_id)}</h3>')
         if figure.png is not None:
@@ -390,14 +398,16 @@ class ReportResult:
     notes: tuple[str, ...]
 
 
-def case_metrics(sources: ReportSources) -> tuple[dict[str, dict], str]:
+def case_metrics(sources: ReportSources, truth_name: str | None = None) -> tuple[dict[str, dict], str]:
     """Per-case metric rows by case id and the summary text: from the metrics CSV, else from
-    evaluating the predictions against the ground truth, else none."""
+    evaluating the predictions against the ground truth, else none. The summary's first line says which
+    truth it is against (`truth_name`, e.g. 'the complete truth (every lesion)', and the folder)."""
     if sources.metrics_csv is not None:
         return {r["case_id"]: r for r in read_metrics_csv(sources.metrics_csv)}, ""
     if sources.pred_dir is not None and sources.gt_dir is not None:
         result = evaluate_folders(sources.pred_dir, sources.gt_dir)
-        return {r["case_id"]: r for r in result.rows}, format_table(result)
+        against = f"Tumor scores against {truth_name or 'the ground truth'} in {sources.gt_dir}, FLARE 2024 rules:"
+        return {r["case_id"]: r for r in result.rows}, against + "\n" + format_table(result)
     return {}, ""
 
 
@@ -445,12 +455,13 @@ def _draw_cases(case_ids: list[str], sources: ReportSources, predictions: dict[s
 
 
 def build_report(sources: ReportSources, out: str | Path, max_cases: int = DEFAULT_MAX_CASES,
-                 title: str = "panseg report") -> ReportResult:
+                 title: str = "panseg report", truth_name: str | None = None) -> ReportResult:
     """Write the self-contained HTML report of `sources` to `out` (atomically).
 
     Cases are the union of the predicted masks, the ground-truth masks and the metric rows. A case
     without a prediction where a prediction folder is given is drawn with the truth alone (and scores
-    'missing' in the metrics); a case that cannot be read is listed with its error.
+    'missing' in the metrics); a case that cannot be read is listed with its error. `truth_name` says in
+    the summary which truth `sources.gt_dir` holds.
 
     Raises:
         ValueError: max_cases < 0, or an input is malformed (named).
@@ -459,7 +470,7 @@ def build_report(sources: ReportSources, out: str | Path, max_cases: int = DEFAU
         raise ValueError(f"max_cases must be >= 0, but it is {max_cases}")
     notes: list[str] = []
     curves = _training_curves(sources.run_dir, notes)
-    metrics, summary = case_metrics(sources)
+    metrics, summary = case_metrics(sources, truth_name)
     predictions = read_prediction_rows(sources.pred_dir)
     case_ids = sorted(set(metrics)
                       | (set(mask_files(sources.pred_dir)) if sources.pred_dir is not None else set())

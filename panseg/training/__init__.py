@@ -8,4 +8,7 @@
 - `checkpoint`: checkpoints of plain tensors and numbers, loaded with `weights_only=True`
 - `parts`: the pieces the loop is assembled from (local `Session`, model, loss, optimiser, schedule,
   validation by sliding window)
+- `init_from`: a new run starting from another model's weights, heads resized (`train.init_from`)
+- `snapshots`: the training clock over resumes, and the models kept at training minutes
+- `progress`: the one line per epoch, and a driver-side follower of RUN/metrics.jsonl
 """

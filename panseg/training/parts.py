@@ -51,9 +51,7 @@ class Session:
         return values
 
     def report(self, metrics: dict, checkpoint_dir: Path | None) -> None:
-        epoch = metrics["epoch"]
-        shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items() if k != "epoch"}
-        print(f"train: epoch {epoch} {shown}", flush=True)
+        """Nothing to hand on in one process (rank 0's epoch line is printed by the loop)."""
 
     def restart_checkpoint(self) -> Path | None:
         return None

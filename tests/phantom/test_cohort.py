@@ -294,3 +294,22 @@ def test_realistic_case_has_realistic_size_and_spacing():
     assert 0.6 <= spacing[1] == spacing[2] <= 1.0 and 1.5 <= spacing[0] <= 5.0
     assert set(np.unique(case.organs_true.array)) == {0, *ORGAN_IDS}
     assert seconds < 10.0
+
+
+def test_the_summary_is_one_line_and_the_table_keeps_it_first():
+    from panseg.phantom.cohort import CaseSummary, CohortSummary
+
+    def case(case_id, healthy, phase, shape, lesions):
+        return CaseSummary(case_id, healthy, "weak" if phase == "non_contrast" else "connected", phase, "ras", shape,
+                           (2.0, 2.0, 2.0), (0.0, 0.0, 0.0), (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0), lesions, 10, 0.1)
+
+    summary = CohortSummary("/raw", 0, True, False, "/truth", (
+        case("phantom_000", False, "portal", (40, 60, 60), 2),
+        case("phantom_001", False, "non_contrast", (44, 64, 60), 1),
+        case("phantom_healthy_000", True, "arterial", (38, 60, 62), 0)), 1.25)
+    line = summary.summary_line()
+    assert "\n" not in line
+    assert line == ("phantom cohort in /raw: 3 cases (2 with lesions, 1 healthy; 3 lesions; phases arterial 1, "
+                    "non_contrast 1, portal 1; shapes 38x60x62 to 44x64x60), seed 0, small, tumor cohort, 1.2 s")
+    table = summary.describe().splitlines()
+    assert table[0] == line and len(table) == 2 + 3

@@ -340,3 +340,33 @@ def test_report_opens_in_headless_chromium_with_every_image_loaded(report_inputs
     _chromium(["--hide-scrollbars", "--window-size=1200,1600", f"--screenshot={shot}", page.as_uri()], tmp_path)
     pixels = _decode_png(shot.read_bytes())
     assert (pixels.mean(axis=-1) < 0.3).mean() > 0.05  # dark CT pixels cover a good part of it
+
+
+def test_a_one_voxel_prediction_is_visible_and_panels_keep_their_size():
+    ct, truth, _, point = _blob_case()
+    speck = np.zeros_like(truth)
+    speck[point.zyx] = 1  # a lesion of one voxel, predicted
+    image = _decode_png(render_case_png(CaseView(ct, (2.5, 1.0, 1.0), point, None, speck)))
+    assert _pixels_near(image, PREDICTION_COLOR) > 3 * 8  # a contour of 2 px around the voxel in each plane
+    reddish = (image[..., 0] - np.maximum(image[..., 1], image[..., 2])) > 0.1  # the faint fill over grey
+    assert reddish.sum() > _pixels_near(image, PREDICTION_COLOR)
+    # A very wide case keeps the panel height of a narrow one (no cap on the figure width shrinks it).
+    wide_ct = np.full((30, 40, 400), 40, dtype=np.int16)
+    wide = _decode_png(render_case_png(CaseView(wide_ct, (2.5, 1.0, 1.0), pick_slice_point(wide_ct.shape, None, None))))
+    narrow = _decode_png(render_case_png(CaseView(ct, (2.5, 1.0, 1.0), point)))
+    assert wide.shape[0] == narrow.shape[0] and wide.shape[1] > 1800
+
+
+def test_tumor_scores_have_their_own_axis():
+    rows = [{"epoch": 1, "train_loss": 1.0, "val_organ_dsc": 0.5, "val_tumor_dsc": 0.01, "val_tumor_nsd": 0.0}]
+    three = _decode_png(render_curves_png(rows))
+    two = _decode_png(render_curves_png([{k: v for k, v in rows[0].items() if not k.startswith("val_tumor")}]))
+    assert three.shape[1] > two.shape[1] > _decode_png(render_curves_png([{"epoch": 1, "train_loss": 1.0}])).shape[1]
+
+
+def test_the_page_says_which_truth_and_explains_the_rules(report_inputs, tmp_path):
+    build_report(ReportSources(pred_dir=report_inputs["pred"], gt_dir=report_inputs["truth"]), tmp_path / "t.html",
+                 max_cases=0, truth_name="the complete truth (every lesion)")
+    page = (tmp_path / "t.html").read_text(encoding="utf-8")
+    assert f"Tumor scores against the complete truth (every lesion) in {report_inputs['truth']}" in page
+    assert "<code>low_dsc</code> DSC &lt; 0.2, so NSD counts as 0" in page

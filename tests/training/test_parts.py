@@ -1,4 +1,5 @@
-"""The training parts (panseg.training.parts): the presets' learning-rate schedules, and channels-last
+"""The training parts (panseg.training.parts): the presets' learning-rate schedules, the schedule by elapsed
+time, and channels-last
 on the CPU giving the same loss and gradients as contiguous tensors."""
 
 import pytest
@@ -20,6 +21,17 @@ def test_lr_schedules_follow_the_presets():
     seed = build_config("seed-code").train
     assert lr_at_epoch(seed, 0) == 1e-2
     assert lr_at_epoch(seed, 250) == pytest.approx(1e-2 * 0.5 ** 0.9)
+
+
+def test_poly_time_decays_over_the_share_of_the_time_budget_used():
+    """Under poly_time the rate depends on the training seconds alone: (1 - used)^0.9 of train.lr."""
+    tcfg = build_config("tiny", overrides=["train.lr=0.01", "train.time_limit_minutes=10",
+                                           "train.lr_schedule=poly_time"]).train
+    assert lr_at_epoch(tcfg, 0, 0.0) == 0.01
+    assert lr_at_epoch(tcfg, 7, 300.0) == pytest.approx(0.01 * 0.5 ** 0.9)  # half of 600 s, whatever the epoch
+    assert lr_at_epoch(tcfg, 0, 300.0) == lr_at_epoch(tcfg, 99, 300.0)
+    assert lr_at_epoch(tcfg, 3, 600.0) == 0.0
+    assert lr_at_epoch(tcfg, 3, 900.0) == 0.0  # past the budget (the last epoch ends late): 0, never negative
 
 
 def test_channels_last_on_cpu_trains_the_same_numbers():
