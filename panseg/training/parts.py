@@ -24,6 +24,7 @@ from panseg.store.zarr_store import read_case
 from panseg.training.augment import augment_batch
 from panseg.training.losses import DeepSupervisionLoss, DiceCELoss, class_weights, deep_supervision_weights
 from panseg.training.model import build_model
+from panseg.training.sampling import PatchSampler
 
 # ----------------------------------------------------------------------------------------------
 # Sessions
@@ -95,6 +96,14 @@ def make_loss(cfg: PansegConfig, n_outputs: int) -> torch.nn.Module:
     base = DiceCELoss(weights, tcfg.alpha_dice, tcfg.alpha_ce, include_background=tcfg.dice_include_background,
                       batch_dice=tcfg.batch_dice)
     return DeepSupervisionLoss(base, deep_supervision_weights(n_outputs)) if n_outputs > 1 else base
+
+
+def make_sampler(cfg: PansegConfig, store: str, train_ids: list[str], rank: int = 0) -> PatchSampler:
+    """The training patch sampler of one rank, with the config's sampling settings (what training uses)."""
+    tcfg = cfg.train
+    return PatchSampler(store, list(train_ids), tcfg.patch_size_zyx, tcfg.tumor_sampling_ratio,
+                        tcfg.random_patch_fraction, cfg.preprocess.clip_hu, tumor_id=TUMOR_ID, seed=tcfg.seed,
+                        rank=rank, class_voxel_offset=tcfg.class_voxel_offset)
 
 
 def make_optimizer(model: torch.nn.Module, tcfg: TrainConfig) -> torch.optim.Optimizer:
