@@ -149,7 +149,7 @@ def train_loop_per_worker(config: dict, session: Session | None = None) -> None:
         session = make_session(job.run_dir)
     _record_worker(job.run_dir, session)
     torch.manual_seed(tcfg.seed)  # identical initial weights on every rank
-    parts = build_training_parts(cfg, session.device)
+    parts = build_training_parts(cfg, session.device, session.world_size)
     start_epoch, best, elapsed_before = _restore(job, session, parts)
     model = session.wrap(parts.model)
     sampler = make_sampler(cfg, job.store, list(job.train_ids), rank=session.rank)
