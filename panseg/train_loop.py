@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from panseg.config import TUMOR_ID, PansegConfig, TrainConfig, config_from_json, config_to_json
+from panseg.config import PansegConfig, TrainConfig, config_from_json, config_to_json
 from panseg.training.checkpoint import TrainingState, latest_checkpoint, load_checkpoint, save_checkpoint
 from panseg.training.parts import (
     Session,
