@@ -36,6 +36,17 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
 
+class _StageParser(_Parser):
+    """A stage's parser rejects what it does not know itself, so the error shows that stage's usage
+    (argparse alone hands a subparser's leftovers up to the top-level parser, which prints its own)."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace, extras
+
+
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("configuration")
     group.add_argument("--preset", choices=["paper", "seed-code", "nnunet", "tiny"], default=None,
@@ -208,7 +219,25 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if args.out:
         write_csv(result, args.out)
         print(f"wrote {args.out}")
-    return 0
+    return _evaluate_exit_code(result, allow_missing=args.allow_missing)
+
+
+def _evaluate_exit_code(result, allow_missing: bool) -> int:
+    """1 (saying why on stderr) when a case could not be scored, unless --allow-missing accepts it."""
+    problems = []
+    if result.truth_errors:
+        problems.append(f"{len(result.truth_errors)} unreadable ground truth ({', '.join(result.truth_errors)})")
+    if not allow_missing:
+        if result.missing:
+            problems.append(f"{len(result.missing)} predictions missing")
+        if result.unreadable:
+            problems.append(f"{len(result.unreadable)} predictions unreadable or off-grid "
+                            f"({', '.join(result.unreadable)})")
+    if not problems:
+        return 0
+    advice = "" if result.truth_errors else "; pass --allow-missing to accept them (they score 0)"
+    print(f"panseg evaluate: {' and '.join(problems)}{advice}", file=sys.stderr)
+    return 1
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -241,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     from panseg import __version__
 
     parser.add_argument("--version", action="version", version=f"panseg {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="STAGE", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="STAGE", parser_class=_StageParser)
     sub.required = True
 
     p = sub.add_parser("phantom", help="write a synthetic whole-body CT cohort in the raw layout",
@@ -354,6 +383,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gt", required=True, help="folder of ground-truth <case>.nii.gz masks (any value > 0 is lesion)")
     p.add_argument("--out", default=None, help="per-case CSV to write")
     p.add_argument("--tolerance-mm", type=float, default=2.0, help="NSD tolerance (FLARE 2024: 2 mm)")
+    p.add_argument("--allow-missing", action="store_true",
+                   help="exit 0 even when predictions are missing, unreadable or off-grid (each scores 0, as FLARE "
+                   "does; without this flag the table and CSV are still written, then the exit status is 1). An "
+                   "unreadable ground truth always exits 1")
     p.set_defaults(handler=_cmd_evaluate)
 
     p = sub.add_parser("report", help="a self-contained HTML page: training curves, per-case metrics, CT overlays",

@@ -180,7 +180,7 @@ class TrainConfig:
     tumor_weight: float = 5.0  # loss weight of tumor relative to each organ (paper: 5)
     background_weight: float = 1.0
     dice_include_background: bool = False
-    batch_dice: bool = True  # Dice over the whole (per-worker) batch, as nnU-Net's 3d_fullres
+    batch_dice: bool = True  # Dice over the whole batch (all DDP workers' together), as nnU-Net's 3d_fullres
     tumor_sampling_ratio: float = 5.0  # tumor is drawn this many times as often as each organ
     random_patch_fraction: float = 0.0  # share of patches centred anywhere, not on a class voxel
     # How far a patch's class voxel may lie from the patch centre, as a fraction of half the patch per

@@ -8,7 +8,11 @@ Two stages, so reading and preprocessing the next case overlaps the prediction o
    with most of the CPUs): scale, sliding windows, argmax, paste back into the original grid, write
    `<case>.nii.gz` atomically, measure the case (peak RSS, GPU peak and memory-time area).
 
-A case whose output exists is skipped, so a rerun resumes. A bad case (unreadable, not 3D) becomes
+A case whose output exists is skipped when the same model wrote it, so a rerun resumes (a killed
+one too); a mask from any other model (another checkpoint, other inference settings, or no record
+of who wrote it) is deleted and predicted again. Which model wrote a mask (`model_id`: a hash of the
+checkpoint file and the inference settings) is in the mask's own header, written with it
+atomically, and in its row of predictions.csv. A bad case (unreadable, not 3D) becomes
 a `failed` row naming the case; the others go on. Every case gets a row in `predictions.csv`.
 Outputs are written by the actors, so on a multi-node cluster `output_dir` must be a shared path.
 `plan_folder` (what is skipped, what is to do) and `run_cases` (the two stages, with an optional
@@ -18,6 +22,7 @@ per-mask `summarize` hook) are shared with `panseg pseudolabel` (panseg.pseudola
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import os
@@ -33,18 +38,21 @@ import torch
 from panseg.config import InferConfig, PreprocessConfig, from_dict, to_dict
 from panseg.inference.predictor import PreparedCase, load_predictor, prediction_row, prepare_volume
 from panseg.inference.resource_monitor import CaseUsage, peak_rss_mb, reset_peak_rss
-from panseg.io import CaseFiles, ImageReadError, Volume, discover_cohort, read_geometry, read_volume, write_volume
+from panseg.io import (CaseFiles, ImageReadError, Volume, discover_cohort, read_geometry, read_notes, read_volume,
+                       write_volume)
 from panseg.preprocessing.case import CaseError
 from panseg.ray_shell import Progress, collect_rows, ray_session
-from panseg.training.checkpoint import load_checkpoint
+from panseg.training.checkpoint import load_checkpoint, resolve_checkpoint_file
 
 OUTPUT_SUFFIX = ".nii.gz"
 CSV_NAME = "predictions.csv"
 CSV_COLUMNS = (
     "case_id", "status", "error", "output", "seconds", "prepare_s", "predict_s", "read_s", "crop_s", "resample_s",
     "clip_s", "network_s", "restore_s", "write_s", "peak_rss_mb", "gpu_peak_mb", "gpu_area_mb_s",
-    "gpu_memory_source", "crop_reason", "crop_box_zyx", "original_shape_zyx", "resampled_shape_zyx",
+    "gpu_memory_source", "crop_reason", "crop_box_zyx", "original_shape_zyx", "resampled_shape_zyx", "model_id",
 )
+_HASH_CHUNK = 2**20
+_NOTES_PREFIX = "panseg model "
 _MAX_CPUS_PER_ACTOR = 8  # a CPU U-Net gains little from more threads than this
 # Memory of a prepare task: the worker process itself (Python, numpy, torch, SimpleITK: ~300 MB RSS),
 # plus per input voxel the stored CT, float32 resampling passes and the int16 result (as data_pipeline's
@@ -142,10 +150,11 @@ class PredictorActor:
     """Ray Data callable class: loads the model once, then predicts one prepared case per call."""
 
     def __init__(self, model_path: str, infer_json: str | None = None, threads: int = 1,
-                 summarize: Summarize | None = None) -> None:
+                 summarize: Summarize | None = None, model_id: str | None = None) -> None:
         infer = from_dict(InferConfig, json.loads(infer_json)) if infer_json else None
         self.predictor = load_predictor(model_path, infer=infer, threads=threads)
         self.summarize = summarize
+        self.model_id = model_id  # into each mask's header and row (see `reusable`)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = [self._predict_one({key: batch[key][i] for key in batch}) for i in range(len(batch["case_id"]))]
@@ -168,13 +177,13 @@ class PredictorActor:
         with CaseUsage(self.predictor.device) as usage:
             prediction = self.predictor.predict_prepared(prepared)
             t0 = time.perf_counter()
-            write_volume(prediction.volume, output)
+            write_volume(prediction.volume, output, notes=mask_notes(self.model_id) if self.model_id else None)
             write_s = time.perf_counter() - t0
         report = usage.report.as_row()
         report["peak_rss_mb"] = max(report["peak_rss_mb"], round(meta.get("prepare_rss_mb", 0.0), 3))
         row = prediction_row(case_id, output, prediction, {**prediction.seconds, "write": write_s}, report)
         row.update(prepare_s=round(meta["prepare_s"], 3), predict_s=report["seconds"],
-                   seconds=round(meta["prepare_s"] + report["seconds"], 3))
+                   seconds=round(meta["prepare_s"] + report["seconds"], 3), model_id=self.model_id)
         if self.summarize is not None:
             row.update(self.summarize(prediction.volume))
         return row
@@ -235,10 +244,46 @@ def _parse_cell(text: str):
         return text
 
 
-def _skipped_row(case_id: str, output: Path, earlier: dict | None) -> dict:
+def model_id(checkpoint_file: str | Path, infer: InferConfig) -> str:
+    """Which model writes a mask: sha256 of the checkpoint file's bytes and of the inference settings.
+
+    Two runs share it only when the same weights predict with the same settings (mirroring, step,
+    all_labels, ...); the checkpoint's path and time do not enter, so a copied run keeps its masks.
+    """
+    digest = hashlib.sha256()
+    with open(checkpoint_file, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    digest.update(json.dumps(to_dict(infer), sort_keys=True).encode())
+    return f"sha256:{digest.hexdigest()[:16]}"
+
+
+def reusable(written_by: str | None, current_model_id: str | None) -> bool:
+    """Whether an existing mask can stand: `written_by` (its header's model id) is this model's.
+
+    A mask from another model, or with no model id (written before ids were recorded, or by hand), is
+    redone. `current_model_id` None (a caller that does not track models) trusts any existing mask.
+    """
+    return current_model_id is None or written_by == current_model_id
+
+
+def mask_notes(current_model_id: str) -> str:
+    """What a mask's header says about the model that wrote it (NIfTI `descrip`, at most 80 characters)."""
+    return f"{_NOTES_PREFIX}{current_model_id}"
+
+
+def mask_model_id(path: str | Path) -> str | None:
+    """The model id in an existing mask's header (reads the header only), None when it has none."""
+    notes = read_notes(path)
+    return notes[len(_NOTES_PREFIX):] if notes and notes.startswith(_NOTES_PREFIX) else None
+
+
+def _skipped_row(case_id: str, output: Path, earlier: dict | None, written_by: str | None = None) -> dict:
     """The row of a case whose output exists: the earlier run's measurements, status 'skipped'."""
     row = dict(earlier) if earlier and earlier.get("status") in ("ok", "skipped") else {"case_id": case_id}
     row.update(status="skipped", error="", output=str(output))
+    if written_by is not None:
+        row["model_id"] = written_by
     return row
 
 
@@ -270,20 +315,25 @@ def predict_folder(model_path: str | Path, input_dir: str | Path, output_dir: st
         CheckpointError: the model is not a panseg checkpoint (checked before Ray starts).
         FileNotFoundError: input_dir holds no CT.
     """
-    cfg = load_checkpoint(model_path).cfg  # fail fast on a bad checkpoint; the read stage needs its preprocessing
-    rows, todo = plan_folder(input_dir, output_dir, CSV_NAME)
+    checkpoint = resolve_checkpoint_file(model_path)  # the file hashed is the file the actors load
+    cfg = load_checkpoint(checkpoint).cfg  # fail fast on a bad checkpoint; the read stage needs its preprocessing
+    current = model_id(checkpoint, infer if infer is not None else cfg.infer)
+    rows, todo = plan_folder(input_dir, output_dir, CSV_NAME, current)
+    remove_stale_masks(todo, output_dir)
     infer_json = json.dumps(to_dict(infer)) if infer is not None else None
-    rows += run_cases(todo, model_path, output_dir, cfg.preprocess, infer_json, address=address, num_cpus=num_cpus,
-                      use_gpu=use_gpu, progress=progress)
+    rows += run_cases(todo, checkpoint, output_dir, cfg.preprocess, infer_json, address=address, num_cpus=num_cpus,
+                      use_gpu=use_gpu, progress=progress, model_id=current)
     rows.sort(key=lambda r: r["case_id"])
     write_csv_rows(rows, Path(output_dir) / CSV_NAME)
     return rows
 
 
-def plan_folder(input_dir: str | Path, output_dir: str | Path, csv_name: str) -> tuple[list[dict], list[CaseFiles]]:
+def plan_folder(input_dir: str | Path, output_dir: str | Path, csv_name: str,
+                current_model_id: str | None = None) -> tuple[list[dict], list[CaseFiles]]:
     """What a folder run still has to do: rows of the cases that need no work (invalid ids: 'failed';
-    an output already there: 'skipped', with the measurements of the earlier run's `csv_name` row) and
-    the cases to predict. Creates `output_dir`.
+    an output already there from this model (`reusable`, from its header): 'skipped', with the
+    measurements of the earlier run's row in `csv_name`) and the cases to predict, those whose mask
+    another model wrote included. Creates `output_dir`.
 
     Raises:
         FileNotFoundError: input_dir holds no CT.
@@ -296,20 +346,41 @@ def plan_folder(input_dir: str | Path, output_dir: str | Path, csv_name: str) ->
     todo: list[CaseFiles] = []
     for case in cohort.valid:
         target = output_path(out_dir, case.case_id)
-        if target.exists():
-            rows.append(_skipped_row(case.case_id, target, earlier.get(case.case_id)))
+        written_by = _written_by(target, current_model_id) if target.exists() else None
+        if target.exists() and reusable(written_by, current_model_id):
+            rows.append(_skipped_row(case.case_id, target, earlier.get(case.case_id), written_by))
         else:
             todo.append(case)
     return rows, todo
 
 
+def _written_by(mask: Path, current_model_id: str | None) -> str | None:
+    if current_model_id is None:
+        return None  # not tracked: no need to read the header
+    try:
+        return mask_model_id(mask)
+    except ImageReadError:  # an unreadable mask is nobody's: predicted again
+        return None
+
+
+def remove_stale_masks(todo: list[CaseFiles], output_dir: str | Path) -> list[Path]:
+    """Delete the masks of cases about to be predicted again (another model's): should a case now fail,
+    no other model's mask may stand in the folder as if this run had written it. Returns those removed."""
+    stale = [output_path(output_dir, case.case_id) for case in todo]
+    stale = [path for path in stale if path.exists()]
+    for path in stale:
+        path.unlink()
+    return stale
+
+
 def run_cases(todo: list[CaseFiles], model_path: str | Path, output_dir: str | Path, pcfg: PreprocessConfig,
               infer_json: str | None, *, address: str | None = None, num_cpus: int | None = None,
               use_gpu: bool | None = None, progress: bool = True, summarize: Summarize | None = None,
-              stage: str = "predict") -> list[dict]:
+              stage: str = "predict", model_id: str | None = None) -> list[dict]:
     """Predict `todo` into `output_dir/<case>.nii.gz` through Ray Data (nothing starts when it is empty).
 
     Args:
+        model_id: written into each mask's header and its row (`reusable` compares it on the next run).
         summarize: a module-level function `Volume -> dict` run by the actor on each written mask;
             its keys join the case's row (pseudolabel's organ volumes).
         stage: the name on the progress line.
@@ -331,12 +402,14 @@ def run_cases(todo: list[CaseFiles], model_path: str | Path, output_dir: str | P
         plan = plan_actors(resources.get("CPU", 1.0), gpus, gpus >= 1 if use_gpu is None else use_gpu)
         if plan.gpus_per_actor:
             plan = replace(plan, actors=min(plan.actors, len(todo)))  # never hold more GPUs than cases
-        ds = _build_dataset(todo, str(Path(model_path).resolve()), out_dir, pcfg, infer_json, plan, summarize)
+        ds = _build_dataset(todo, str(Path(model_path).resolve()), out_dir, pcfg, infer_json, plan, summarize,
+                            model_id)
         return collect_rows(ds, Progress(stage, len(todo), enabled=progress))
 
 
 def _build_dataset(todo: list[CaseFiles], model_path: str, out_dir: Path, pcfg: PreprocessConfig,
-                   infer_json: str | None, plan: ActorPlan, summarize: Summarize | None = None):
+                   infer_json: str | None, plan: ActorPlan, summarize: Summarize | None = None,
+                   model_id: str | None = None):
     import ray
 
     items = [{"case_id": c.case_id, "image": os.path.abspath(c.image),
@@ -353,8 +426,10 @@ def _build_dataset(todo: list[CaseFiles], model_path: str, out_dir: Path, pcfg: 
                           compute=ray.data.ActorPoolStrategy(size=plan.actors),
                           num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor,
                           fn_constructor_kwargs={"model_path": model_path, "infer_json": infer_json,
-                                                 "threads": threads, "summarize": summarize})
+                                                 "threads": threads, "summarize": summarize,
+                                                 "model_id": model_id})
 
 
-__all__ = ["ActorPlan", "CSV_COLUMNS", "CSV_NAME", "PredictorActor", "output_path", "plan_actors", "plan_folder",
-           "predict_folder", "prepare_row", "read_csv_rows", "run_cases", "write_csv_rows"]
+__all__ = ["ActorPlan", "CSV_COLUMNS", "CSV_NAME", "PredictorActor", "mask_model_id", "mask_notes", "model_id",
+           "output_path", "plan_actors", "plan_folder", "predict_folder", "prepare_row", "read_csv_rows",
+           "remove_stale_masks", "reusable", "run_cases", "write_csv_rows"]

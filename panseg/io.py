@@ -26,6 +26,8 @@ import SimpleITK as sitk
 CASE_ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]+$")
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
 CHANNEL_SUFFIX = "_0000"
+NOTES_KEY = "ITK_FileNotes"  # NIfTI descrip (also what MetaImage and NRRD readers call a file's notes)
+MAX_NOTES = 80  # the size of the NIfTI-1 descrip field
 
 
 class ImageReadError(ValueError):
@@ -249,6 +251,21 @@ def read_geometry(path: str | Path) -> Geometry:
     )
 
 
+def read_notes(path: str | Path) -> str | None:
+    """The free-text notes of an image file's header (NIfTI `descrip`), None when it has none (or empty).
+
+    Raises:
+        ImageReadError: the file cannot be read.
+    """
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as err:
+        raise ImageReadError(f"{path} could not be read: {_itk_reason(err)}") from None
+    return (reader.GetMetaData(NOTES_KEY) if reader.HasMetaDataKey(NOTES_KEY) else "") or None
+
+
 def _read_dicom_series(folder: Path) -> sitk.Image:
     reader = sitk.ImageSeriesReader()
     series = reader.GetGDCMSeriesIDs(str(folder))
@@ -260,10 +277,11 @@ def _read_dicom_series(folder: Path) -> sitk.Image:
     return reader.Execute()
 
 
-def write_volume(volume: Volume, path: str | Path, compress: bool = True) -> Path:
+def write_volume(volume: Volume, path: str | Path, compress: bool = True, notes: str | None = None) -> Path:
     """Write a volume atomically: to a hidden temporary file beside `path`, then rename.
 
     The format follows the suffix (.nii.gz, .nii, .mha, .nrrd). A DICOM series is read-only here.
+    `notes` go into the header (NIfTI `descrip`: at most 80 characters; `read_notes` reads them back).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -272,7 +290,13 @@ def write_volume(volume: Volume, path: str | Path, compress: bool = True) -> Pat
         raise ValueError(f"cannot write {path}: the suffix must be one of {', '.join(IMAGE_SUFFIXES)}")
     tmp = path.with_name(f".tmp-{uuid.uuid4().hex[:8]}-{path.name}")
     try:
-        sitk.WriteImage(to_sitk(volume), str(tmp), compress)
+        image = to_sitk(volume)
+        if notes is not None:
+            if len(notes) > MAX_NOTES:
+                raise ValueError(f"cannot write {path}: header notes hold at most {MAX_NOTES} characters, "
+                                 f"but these have {len(notes)}")
+            image.SetMetaData(NOTES_KEY, notes)
+        sitk.WriteImage(image, str(tmp), compress)
         os.replace(tmp, path)
     finally:
         if tmp.exists():

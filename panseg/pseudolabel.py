@@ -7,7 +7,8 @@ CTs with the same Ray Data machinery as `panseg predict` (`infer.plan_folder` / 
 
 - each case's mask holds every organ id (0-13) in that CT's own grid and is written atomically to
   `OUTPUT/<case>.nii.gz`, which is what `panseg preprocess` reads from `RAW/organsTr`;
-- cases whose mask exists are skipped, so a killed run resumes with only the missing cases;
+- cases whose mask exists and was written by the same model (its header's model id) are skipped, so a
+  killed run resumes with only the missing cases; another model's masks are labelled again;
 - every case gets a QA row in `OUTPUT/pseudolabels.csv`: the volume of each organ in mL, the organs
   missing, seconds, and a `qa_warning` from the plausibility rule below.
 
@@ -28,9 +29,10 @@ from pathlib import Path
 import numpy as np
 
 from panseg.config import ORGAN_IDS, ORGAN_NAMES, InferConfig, to_dict
-from panseg.infer import CSV_COLUMNS, plan_folder, read_csv_rows, run_cases, write_csv_rows
+from panseg.infer import (CSV_COLUMNS, model_id, plan_folder, read_csv_rows, remove_stale_masks,
+                          run_cases, write_csv_rows)
 from panseg.io import ImageReadError, Volume, read_volume
-from panseg.training.checkpoint import load_checkpoint
+from panseg.training.checkpoint import load_checkpoint, resolve_checkpoint_file
 
 CSV_NAME = "pseudolabels.csv"
 VOLUME_COLUMNS = tuple(f"{name}_ml" for name in ORGAN_NAMES)
@@ -178,15 +180,19 @@ def pseudolabel_folder(model_path: str | Path, input_dir: str | Path, output_dir
     """
     if factor <= 1.0:
         raise ValueError(f"the plausibility factor must be > 1, but it is {factor}")
-    cfg = load_checkpoint(model_path).cfg
+    checkpoint = resolve_checkpoint_file(model_path)  # the file hashed is the file the actors load
+    cfg = load_checkpoint(checkpoint).cfg
     if cfg.preprocess.task != "organs":
         raise ValueError(f"{model_path} is a model for task {cfg.preprocess.task!r}; pseudolabel needs an organ "
                          "model (train it on a store made with `panseg preprocess --task organs`)")
     out_dir = Path(output_dir)
-    rows, todo = plan_folder(input_dir, out_dir, CSV_NAME)
+    current = model_id(checkpoint, infer if infer is not None else cfg.infer)
+    rows, todo = plan_folder(input_dir, out_dir, CSV_NAME, current)
+    remove_stale_masks(todo, out_dir)
     infer_json = json.dumps(to_dict(infer)) if infer is not None else None
-    rows += run_cases(todo, model_path, out_dir, cfg.preprocess, infer_json, address=address, num_cpus=num_cpus,
-                      use_gpu=use_gpu, progress=progress, summarize=organ_volumes_ml, stage="pseudolabel")
+    rows += run_cases(todo, checkpoint, out_dir, cfg.preprocess, infer_json, address=address, num_cpus=num_cpus,
+                      use_gpu=use_gpu, progress=progress, summarize=organ_volumes_ml, stage="pseudolabel",
+                      model_id=current)
     rows = [_with_qa(row) for row in rows]
     flagged = implausible_cases(rows, factor)
     for row in rows:

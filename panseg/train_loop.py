@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from panseg.config import TUMOR_ID, PansegConfig, TrainConfig, config_from_json, config_to_json
+from panseg.config import PansegConfig, TrainConfig, config_from_json, config_to_json
 from panseg.training.checkpoint import TrainingState, latest_checkpoint, load_checkpoint, save_checkpoint
 from panseg.training.init_from import initialise_from, load_init_source
 from panseg.training.parts import (
@@ -37,6 +37,7 @@ from panseg.training.parts import (
     build_training_parts,
     lr_at_epoch,
     make_model,
+    make_sampler,
     selection_metric,
     validate,
 )
@@ -159,12 +160,10 @@ def train_loop_per_worker(config: dict, session: Session | None = None) -> None:
         session = make_session(job.run_dir)
     _record_worker(job.run_dir, session)
     torch.manual_seed(tcfg.seed)  # identical initial weights on every rank
-    parts = build_training_parts(cfg, session.device)
+    parts = build_training_parts(cfg, session.device, session.world_size)
     start_epoch, best, elapsed_before = _restore(job, session, parts)
     model = session.wrap(parts.model)
-    sampler = PatchSampler(job.store, list(job.train_ids), tcfg.patch_size_zyx, tcfg.tumor_sampling_ratio,
-                           tcfg.random_patch_fraction, cfg.preprocess.clip_hu, tumor_id=TUMOR_ID,
-                           seed=tcfg.seed, rank=session.rank, class_voxel_offset=tcfg.class_voxel_offset)
+    sampler = make_sampler(cfg, job.store, list(job.train_ids), rank=session.rank)
     end_epoch = tcfg.epochs if job.stop_after_epochs is None else min(tcfg.epochs, start_epoch + job.stop_after_epochs)
     iterations = max(1, math.ceil(tcfg.iterations_per_epoch / session.world_size))
     log = _MetricsLog(job.run_dir) if session.rank == 0 else None

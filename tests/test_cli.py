@@ -89,3 +89,66 @@ def test_phantom_command_writes_what_it_describes(tmp_path, capsys):
         label = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "labelsTr" / f"{case['case_id']}.nii.gz")))
         assert (label.max() == 0) == case["healthy"]
     assert len(directions) >= 2 and any(d != (1, 0, 0, 0, 1, 0, 0, 0, 1) for d in directions)
+
+
+@pytest.mark.parametrize("argv, stage", [
+    (["phantom", "p", "--case", "3"], "phantom"),
+    (["evaluate", "--pred", "p", "--gt", "g", "--tolerance", "1"], "evaluate"),
+    (["predict", "--model", "m", "--input", "i", "--output", "o", "--all"], "predict"),
+])
+def test_a_stages_bad_flag_prints_that_stages_usage(argv, stage, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"usage: panseg {stage} ")
+    assert f"panseg {stage}: error: unrecognized arguments: {' '.join(argv[-2:] if stage != 'predict' else argv[-1:])}" in err
+
+
+def _write_mask(path, lesion: bool):
+    import numpy as np
+
+    from panseg.io import Volume, write_volume
+
+    array = np.zeros((8, 9, 10), np.uint8)
+    if lesion:
+        array[2:6, 3:7, 3:8] = 1
+    write_volume(Volume(array, (2.0, 1.0, 1.0), (0.0, 0.0, 0.0)), path)
+
+
+def test_evaluate_exits_1_on_missing_or_unreadable_predictions_unless_allowed(tmp_path, capsys):
+    import csv
+
+    gt, pred, out = tmp_path / "gt", tmp_path / "pred", tmp_path / "scores.csv"
+    for case, lesion in (("lesion_ok", True), ("lesion_broken", True), ("healthy_ok", False),
+                         ("healthy_gone", False), ("healthy_gone2", False)):
+        _write_mask(gt / f"{case}.nii.gz", lesion)
+    _write_mask(pred / "lesion_ok.nii.gz", True)
+    _write_mask(pred / "healthy_ok.nii.gz", False)
+    (pred / "lesion_broken.nii.gz").write_bytes(b"not a nifti")
+
+    assert main(["evaluate", "--pred", str(pred), "--gt", str(gt), "--out", str(out)]) == 1
+    captured = capsys.readouterr()
+    assert "cases: 5, scored 2, missing 2, unreadable or off-grid 1 (scored 0, as FLARE does)" in captured.out
+    assert "healthy: 3, false-positive rate on healthy: 0.0% (0 of 1 predicted; 2 missing)" in captured.out
+    assert "2 predictions missing and 1 predictions unreadable or off-grid (lesion_broken)" in captured.err
+    assert "--allow-missing" in captured.err
+    with open(out, newline="") as f:  # the CSV is written all the same, every case in it
+        rows = {r["case_id"]: r for r in csv.DictReader(f)}
+    assert set(rows) == {"lesion_ok", "lesion_broken", "healthy_ok", "healthy_gone", "healthy_gone2"}
+    assert (rows["healthy_gone"]["rule"], float(rows["healthy_gone"]["dsc"])) == ("missing", 0.0)
+    assert (rows["lesion_broken"]["rule"], float(rows["lesion_broken"]["dsc"])) == ("read_error", 0.0)
+    assert float(rows["lesion_ok"]["dsc"]) == 1.0
+
+    assert main(["evaluate", "--pred", str(pred), "--gt", str(gt), "--allow-missing"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_evaluate_exits_0_when_every_case_is_scored(tmp_path, capsys):
+    gt, pred = tmp_path / "gt", tmp_path / "pred"
+    for case, lesion in (("a", True), ("b", False)):
+        _write_mask(gt / f"{case}.nii.gz", lesion)
+        _write_mask(pred / f"{case}.nii.gz", lesion)
+    assert main(["evaluate", "--pred", str(pred), "--gt", str(gt)]) == 0
+    out = capsys.readouterr().out
+    assert "cases: 2\n" in out and "false-positive rate on healthy: 0.0% (0 of 1 predicted)" in out

@@ -3,12 +3,17 @@ streams cases, records a bad one and resumes. The whole-case predictor's tests a
 tests/inference/test_predictor.py."""
 
 import os
+import shutil
+from dataclasses import replace
 
+import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from panseg.infer import CSV_NAME, plan_actors, predict_folder, read_csv_rows
-from panseg.io import read_geometry, write_volume
+from panseg.infer import (CSV_NAME, mask_model_id, mask_notes, model_id, plan_actors, plan_folder, predict_folder,
+                          read_csv_rows, remove_stale_masks, reusable, write_csv_rows)
+from panseg.io import Volume, read_geometry, write_volume
+from panseg.training.checkpoint import load_checkpoint, resolve_checkpoint_file
 from tests.synthetic_ct import make_case
 
 
@@ -32,6 +37,61 @@ def test_actor_plan_leaves_cpus_for_reading():
     assert (one.actors, one.cpus_per_actor, one.prepare_tasks, one.cpus_per_prepare) == (1, 0.5, 1, 0.5)
     with pytest.raises(ValueError, match="no CPU"):
         plan_actors(0, 0, use_gpu=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Which model wrote a mask, and what is redone (no Ray)
+# ----------------------------------------------------------------------------------------------
+
+
+def test_model_id_is_the_checkpoints_content_and_the_inference_settings(tiny_checkpoint, tmp_path):
+    file = resolve_checkpoint_file(tiny_checkpoint)
+    infer = load_checkpoint(file).cfg.infer
+    ours = model_id(file, infer)
+    assert ours.startswith("sha256:") and len(ours) == len("sha256:") + 16
+    copied = shutil.copy(file, tmp_path / "copy.pt")  # another path and mtime, the same model
+    assert model_id(copied, infer) == ours
+    assert model_id(file, replace(infer, mirror_tta=not infer.mirror_tta)) != ours
+    with open(copied, "ab") as f:  # other bytes: another model
+        f.write(b"\0")
+    assert model_id(copied, infer) != ours
+    assert len(mask_notes(ours)) <= 80  # fits a NIfTI header's descrip
+
+
+def test_reusable_only_for_this_models_masks():
+    assert reusable("sha256:aaaa", "sha256:aaaa")
+    assert not reusable("sha256:bbbb", "sha256:aaaa")
+    assert not reusable(None, "sha256:aaaa")  # a mask from before ids were recorded, or written by hand
+    assert reusable(None, None) and reusable("sha256:bbbb", None)  # a caller that does not track models
+
+
+def _tiny_volume(value=0):
+    return Volume(np.full((3, 4, 5), value, np.int16), (2.0, 1.0, 1.0), (0.0, 0.0, 0.0))
+
+
+def test_plan_folder_skips_this_models_masks_and_redoes_the_others(tmp_path):
+    inputs, outputs = tmp_path / "in", tmp_path / "out"
+    for case in ("same", "other", "unmarked", "broken", "new"):
+        write_volume(_tiny_volume(), inputs / f"{case}_0000.nii.gz")
+    ours, theirs = "sha256:1111111111111111", "sha256:2222222222222222"
+    write_volume(_tiny_volume(), outputs / "same.nii.gz", notes=mask_notes(ours))
+    write_volume(_tiny_volume(), outputs / "other.nii.gz", notes=mask_notes(theirs))
+    write_volume(_tiny_volume(), outputs / "unmarked.nii.gz")
+    (outputs / "broken.nii.gz").write_bytes(b"not a nifti")
+    # The earlier CSV says all were written by us: the header decides, not a row that may be stale.
+    write_csv_rows([{"case_id": c, "status": "ok", "seconds": 4.5, "model_id": ours}
+                    for c in ("same", "other", "unmarked")], outputs / CSV_NAME)
+    assert mask_model_id(outputs / "same.nii.gz") == ours and mask_model_id(outputs / "unmarked.nii.gz") is None
+
+    rows, todo = plan_folder(inputs, outputs, CSV_NAME, ours)
+    assert [(r["case_id"], r["status"], r["seconds"], r["model_id"]) for r in rows] == [("same", "skipped", 4.5, ours)]
+    assert [c.case_id for c in todo] == ["broken", "new", "other", "unmarked"]
+    removed = remove_stale_masks(todo, outputs)
+    assert sorted(p.name for p in removed) == ["broken.nii.gz", "other.nii.gz", "unmarked.nii.gz"]
+    assert sorted(p.name for p in outputs.glob("*.nii.gz")) == ["same.nii.gz"]
+
+    untracked_rows, untracked_todo = plan_folder(inputs, tmp_path / "fresh", CSV_NAME, None)
+    assert untracked_rows == [] and len(untracked_todo) == 5
 
 
 # ----------------------------------------------------------------------------------------------
@@ -86,3 +146,28 @@ def test_predict_finishes_on_a_one_cpu_ray(tmp_path, tiny_checkpoint):
     done = subprocess.run(cmd, env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=240)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert sorted(p.name for p in outputs.glob("*.nii.gz")) == ["good1.nii.gz", "good2.nii.gz"]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_predict_cli_records_the_model_and_redoes_another_models_masks(tmp_path, tiny_checkpoint, ray_local, capsys):
+    """Through `panseg predict`: the second run with other inference settings is another model, so every
+    mask is predicted again and its header and row carry the new id; a third, same-settings run skips."""
+    from panseg.cli import main
+
+    inputs, outputs = tmp_path / "in", tmp_path / "out"
+    write_volume(make_case(seed=1, shape=(24, 48, 56))[0], inputs / "good1_0000.nii.gz")
+    argv = ["predict", "--model", str(tiny_checkpoint), "--input", str(inputs), "--output", str(outputs), "--quiet"]
+    assert main(argv) == 0
+    first = read_csv_rows(outputs / CSV_NAME)["good1"]
+    assert first["status"] == "ok" and first["model_id"] == mask_model_id(outputs / "good1.nii.gz")
+
+    mirrored = load_checkpoint(tiny_checkpoint).cfg.infer.mirror_tta
+    assert main(argv + ["--set", f"infer.mirror_tta={str(not mirrored).lower()}"]) == 0
+    second = read_csv_rows(outputs / CSV_NAME)["good1"]
+    assert second["status"] == "ok" and second["model_id"] != first["model_id"]
+    assert mask_model_id(outputs / "good1.nii.gz") == second["model_id"]
+    assert "1 predicted, 0 already there" in capsys.readouterr().out
+
+    assert main(argv + ["--set", f"infer.mirror_tta={str(not mirrored).lower()}"]) == 0
+    assert read_csv_rows(outputs / CSV_NAME)["good1"]["status"] == "skipped"

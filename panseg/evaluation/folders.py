@@ -12,7 +12,8 @@ organisers' per-case rules:
 
 Healthy cases are those in `healthy_ids`, or when not given, those whose ground truth is empty; the
 false-positive rate is the share of healthy cases whose (readable, on-grid) prediction has any lesion
-voxel. DSC and NSD summaries are over every ground-truth case, healthy ones included (as the FLARE
+voxel: it counts only the healthy cases that were scored, and the table says how many were not
+("3 of 3 predicted; 13 missing"). DSC and NSD summaries are over every ground-truth case, healthy ones included (as the FLARE
 rules score them: 1/1 for an empty prediction). When `pred_dir/predictions.csv` (from
 `panseg.infer`) is present, inference time and GPU memory-time area are summarised too.
 
@@ -35,6 +36,8 @@ from panseg.evaluation.metrics import FLARE_TOLERANCE_MM, Summary, false_positiv
 from panseg.io import ImageReadError, Volume, read_volume, strip_image_suffix
 
 ROW_COLUMNS = ("case_id", "dsc", "nsd", "rule", "healthy", "false_positive", "error")
+PREDICTION_FAULTS = ("read_error", "geometry_mismatch")  # a prediction that is there but cannot be scored
+TRUTH_READ_ERROR = "truth_read_error"
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,9 @@ class EvaluationResult:
         false_positive_rate: share of healthy cases with a predicted lesion; NaN without healthy cases.
         healthy_ids: the healthy cases.
         missing: ground-truth cases without a prediction.
+        unreadable: cases whose prediction exists but could not be scored (unreadable, non-integer, or on
+            another grid than its ground truth); scored 0 like the missing ones.
+        truth_errors: cases whose ground truth could not be read.
         extra: predictions without a ground-truth case (ignored).
         errors: one message per case that could not be scored normally (mismatch, unreadable).
         seconds, gpu_area_mb_s: from predictions.csv (n = 0 when absent or not measured).
@@ -58,6 +64,8 @@ class EvaluationResult:
     false_positive_rate: float
     healthy_ids: tuple[str, ...]
     missing: tuple[str, ...]
+    unreadable: tuple[str, ...]
+    truth_errors: tuple[str, ...]
     extra: tuple[str, ...]
     errors: tuple[str, ...]
     seconds: Summary
@@ -106,6 +114,8 @@ def evaluate_folders(pred_dir: str | Path, gt_dir: str | Path, healthy_ids: Iter
         false_positive_rate=false_positive_rate(fp_flags),
         healthy_ids=tuple(r["case_id"] for r in rows if r["healthy"]),
         missing=tuple(r["case_id"] for r in rows if r["rule"] == "missing"),
+        unreadable=tuple(r["case_id"] for r in rows if r["rule"] in PREDICTION_FAULTS),
+        truth_errors=tuple(r["case_id"] for r in rows if r["rule"] == TRUTH_READ_ERROR),
         extra=tuple(sorted(set(preds) - set(gts))),
         errors=tuple(r["error"] for r in rows if r["error"] and r["rule"] != "missing"),
         seconds=summarize(_floats(timing, "seconds")), gpu_area_mb_s=summarize(_floats(timing, "gpu_area_mb_s")),
@@ -120,7 +130,7 @@ def _evaluate_case(case_id: str, pred_path: Path | None, gt_path: Path, given_he
     try:
         gt = read_volume(gt_path)
     except ImageReadError as err:
-        row.update(rule="read_error", error=f"case {case_id}: ground truth {err}")
+        row.update(rule=TRUTH_READ_ERROR, error=f"case {case_id}: ground truth {err}")
         return row, None
     row["healthy"] = (case_id in given_healthy) if given_healthy is not None else not np.any(gt.array > 0)
     if pred_path is None:
@@ -205,9 +215,7 @@ def format_table(result: EvaluationResult) -> str:
         lines.append(("GPU Memory (MB·s)", area.mean_std(False, 1), area.median_quartiles(False, 1)))
     widths = [max(len(line[i]) for line in lines) for i in range(3)]
     text = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines]
-    fpr = result.false_positive_rate
-    text.append(f"cases: {len(result.rows)}, healthy: {len(result.healthy_ids)}, false-positive rate on healthy: "
-                + ("n/a" if math.isnan(fpr) else f"{100 * fpr:.1f}%"))
+    text += accounting_lines(result)
     if result.healthy_ids and len(result.healthy_ids) < len(result.rows):
         text.append(reference_line(result))
     if result.missing:
@@ -216,6 +224,33 @@ def format_table(result: EvaluationResult) -> str:
         text.append(f"extra predictions ({len(result.extra)}, ignored): {', '.join(result.extra)}")
     text += [f"error: {message}" for message in result.errors]
     return "\n".join(text)
+
+
+def accounting_lines(result: EvaluationResult) -> list[str]:
+    """How many cases were scored, and the false-positive rate over the healthy cases that were.
+
+    e.g. "cases: 136, scored 27, missing 109 (scored 0, as FLARE does)" and
+    "healthy: 16, false-positive rate on healthy: 100.0% (3 of 3 predicted; 13 missing)".
+    """
+    unscored = len(result.missing) + len(result.unreadable) + len(result.truth_errors)
+    cases = f"cases: {len(result.rows)}"
+    if unscored:
+        parts = [f"scored {len(result.rows) - unscored}", f"missing {len(result.missing)}"]
+        parts += [f"unreadable or off-grid {len(result.unreadable)}"] if result.unreadable else []
+        parts += [f"unreadable truth {len(result.truth_errors)}"] if result.truth_errors else []
+        cases += ", " + ", ".join(parts) + " (scored 0, as FLARE does)"
+    healthy = set(result.healthy_ids)
+    scored = [r for r in result.rows if r["case_id"] in healthy and r["false_positive"] is not None]
+    fpr = result.false_positive_rate
+    rate = "n/a" if math.isnan(fpr) else f"{100 * fpr:.1f}%"
+    if healthy:
+        counts = [f"{sum(bool(r['false_positive']) for r in scored)} of {len(scored)} predicted"]
+        missing = sum(case in healthy for case in result.missing)
+        unreadable = sum(case in healthy for case in result.unreadable)
+        counts += [f"{missing} missing"] if missing else []
+        counts += [f"{unreadable} unreadable or off-grid"] if unreadable else []
+        rate += f" ({'; '.join(counts)})"
+    return [cases, f"healthy: {len(healthy)}, false-positive rate on healthy: {rate}"]
 
 
 def reference_line(result: EvaluationResult) -> str:
@@ -230,5 +265,5 @@ def reference_line(result: EvaluationResult) -> str:
             f"predicting no lesion anywhere would score {100 * len(healthy) / len(result.rows):.2f}% mean DSC")
 
 
-__all__ = ["EvaluationResult", "ROW_COLUMNS", "evaluate_folders", "format_table", "mask_files", "reference_line",
+__all__ = ["EvaluationResult", "PREDICTION_FAULTS", "ROW_COLUMNS", "TRUTH_READ_ERROR", "accounting_lines", "evaluate_folders", "format_table", "mask_files", "reference_line",
            "write_csv"]

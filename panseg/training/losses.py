@@ -16,8 +16,13 @@ Conventions, written down once:
   configuration (large images such as whole-body CT, and so the released FLARE24 code, which trained
   nnU-Net v1 3d_fullres); with small patches centred on one class, it keeps classes absent from one
   patch from dominating the loss. `batch_dice=False` computes Dice per sample (nnU-Net's choice for
-  datasets of small images) and averages the per-sample weighted losses. Under DDP the batch is the
-  worker's local batch (nnU-Net all-gathers the sums; we do not).
+  datasets of small images) and averages the per-sample weighted losses.
+- Under DDP (`DiceCELoss(across_ranks=True)`, what training builds with more than one worker) the
+  batch is the global batch, as nnU-Net does it (it all-gathers tp/fp/fn when DDP is on): batch
+  Dice's sums, CE's weight normaliser and the per-sample mean run over every rank's samples
+  (`all_reduce` of the sums, gloo or NCCL), and each rank's gradient is scaled by the world size,
+  so DDP's gradient average is exactly the gradient of the loss on all ranks' batches together
+  (tests/training/test_ddp.py). Without it every term would be normalised per worker.
 - Cross-entropy (`weighted_cross_entropy`): torch's weighted CE with mean reduction, i.e.
   `sum_v w[y_v] * nll_v / sum_v w[y_v]`: normalised by the voxels' weights, so a uniform weight
   vector gives plain mean CE and weights shift importance between voxels. This is multi-class CE,
@@ -33,7 +38,7 @@ Pure torch: no Ray, nothing from the rest of panseg.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -159,7 +164,8 @@ def downsample_targets(target: torch.Tensor, scales: Sequence[Sequence[float]]) 
 
 
 def soft_dice_per_class(
-    probs: torch.Tensor, onehot: torch.Tensor, batch_dice: bool = True, smooth: float = DICE_SMOOTH
+    probs: torch.Tensor, onehot: torch.Tensor, batch_dice: bool = True, smooth: float = DICE_SMOOTH,
+    total: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Soft Dice of each class, nnU-Net style.
 
@@ -168,6 +174,7 @@ def soft_dice_per_class(
         onehot: (B, C, D, H, W) one-hot target, same classes as `probs`.
         batch_dice: sum over the batch as well (one Dice per class) or Dice per sample.
         smooth: added to numerator and denominator.
+        total: with `batch_dice`, sums the batch's sums over the ranks (`sum_over_ranks`); None: local.
 
     Returns:
         (C,) with `batch_dice`, else (B, C).
@@ -175,6 +182,8 @@ def soft_dice_per_class(
     axes = (0, 2, 3, 4) if batch_dice else (2, 3, 4)
     intersect = (probs * onehot).sum(axes)
     denominator = probs.sum(axes) + onehot.sum(axes)
+    if batch_dice and total is not None:
+        intersect, denominator = total(intersect), total(denominator)
     return (2 * intersect + smooth) / (denominator + smooth).clamp_min(1e-8)
 
 
@@ -212,15 +221,19 @@ def _dice_loss(
     include_background: bool,
     batch_dice: bool,
     smooth: float,
+    total: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """`weighted_dice_loss` on checked (B, D, H, W) labels and weights."""
+    """`weighted_dice_loss` on checked (B, D, H, W) labels and weights; `total` as in `soft_dice_per_class`
+    (and the per-sample mean then runs over every rank's samples)."""
     probs = torch.softmax(logits.float(), dim=1)  # (B, C, D, H, W)
     onehot = _one_hot(labels, logits.shape[1])  # (B, C, D, H, W)
     first = 0 if include_background else 1
-    dice = soft_dice_per_class(probs[:, first:], onehot[:, first:], batch_dice, smooth)  # (C',) or (B, C')
+    dice = soft_dice_per_class(probs[:, first:], onehot[:, first:], batch_dice, smooth, total)  # (C',) or (B, C')
     w = _weights_on(weights, logits.shape[1], logits.device)[first:]
     per_item = ((1 - dice) * w).sum(-1) / w.sum()  # () with batch Dice, else (B,)
-    return per_item.mean()
+    if total is None or batch_dice:
+        return per_item.mean()
+    return total(per_item.sum()) / total(per_item.new_tensor(float(per_item.shape[0])))
 
 
 def weighted_cross_entropy(
@@ -241,9 +254,33 @@ def weighted_cross_entropy(
     return _cross_entropy(logits, labels, w)
 
 
-def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None,
+                   total: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Weighted mean CE; with `total` (`sum_over_ranks`) the weighted sum and its normaliser span all ranks."""
     w = None if weights is None else _weights_on(weights, logits.shape[1], logits.device)
-    return F.cross_entropy(logits.float(), labels, weight=w)
+    if total is None:
+        return F.cross_entropy(logits.float(), labels, weight=w)
+    summed = F.cross_entropy(logits.float(), labels, weight=w, reduction="sum")
+    normaliser = w[labels].sum() if w is not None else summed.new_tensor(float(labels.numel()))
+    return total(summed) / total(normaliser)
+
+
+def sum_over_ranks(local: torch.Tensor) -> torch.Tensor:
+    """`local` summed over the ranks of the default process group; the gradient flows into `local` only.
+
+    The value is the global sum on every rank; autograd sees `local + constant`. (nnU-Net's
+    AllGatherGrad sends the other ranks' gradients back instead; scaling the gradient by the world
+    size, as `DiceCELoss` does, gives DDP's average the same result with one all_reduce per sum.)
+    """
+    others = local.detach().clone()
+    torch.distributed.all_reduce(others)
+    return local + (others - local.detach())
+
+
+def _world_size() -> int:
+    """The default process group's size, 1 when there is none (one process)."""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return torch.distributed.get_world_size() if distributed else 1
 
 
 class DiceCELoss(nn.Module):
@@ -256,6 +293,8 @@ class DiceCELoss(nn.Module):
         include_background: include background in the Dice term (CE always includes it).
         batch_dice: Dice over the whole batch (default, nnU-Net 3d_fullres on large images) or per sample.
         smooth: Dice smoothing.
+        across_ranks: under DDP, the loss of the global batch (see the module docstring); a no-op
+            without a process group of more than one rank.
     """
 
     def __init__(
@@ -266,6 +305,7 @@ class DiceCELoss(nn.Module):
         include_background: bool = False,
         batch_dice: bool = True,
         smooth: float = DICE_SMOOTH,
+        across_ranks: bool = False,
     ) -> None:
         super().__init__()
         if alpha_dice < 0 or alpha_ce < 0 or alpha_dice + alpha_ce == 0:
@@ -282,6 +322,7 @@ class DiceCELoss(nn.Module):
         self.include_background = include_background
         self.batch_dice = batch_dice
         self.smooth = smooth
+        self.across_ranks = across_ranks
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Scalar loss of (B, C, D, H, W) logits against (B, 1, D, H, W) or (B, D, H, W) labels."""
@@ -291,12 +332,17 @@ class DiceCELoss(nn.Module):
                 f"the loss has {self.class_weights.shape[0]} class weights "
                 f"but the logits have {logits.shape[1]} classes"
             )
+        world = _world_size() if self.across_ranks else 1
+        total = sum_over_ranks if world > 1 else None
         loss = logits.new_zeros((), dtype=torch.float32)
         if self.alpha_dice:
-            dice = _dice_loss(logits, labels, self.class_weights, self.include_background, self.batch_dice, self.smooth)
+            dice = _dice_loss(logits, labels, self.class_weights, self.include_background, self.batch_dice,
+                              self.smooth, total)
             loss = loss + self.alpha_dice * dice
         if self.alpha_ce:
-            loss = loss + self.alpha_ce * _cross_entropy(logits, labels, self.class_weights)
+            loss = loss + self.alpha_ce * _cross_entropy(logits, labels, self.class_weights, total)
+        if world > 1:  # each rank's gradient reaches only its own sums: x world, so DDP's mean is the total
+            loss = loss * world - loss.detach() * (world - 1)
         return loss
 
 
@@ -396,6 +442,6 @@ def _weights_on(weights: torch.Tensor | None, num_classes: int, device: torch.de
 
 __all__ = [
     "DICE_SMOOTH", "DeepSupervisionLoss", "DiceCELoss", "as_label_map", "class_weights", "deep_supervision_scales",
-    "deep_supervision_weights", "downsample_targets", "resize_labels", "soft_dice_per_class",
+    "deep_supervision_weights", "downsample_targets", "resize_labels", "soft_dice_per_class", "sum_over_ranks",
     "weighted_cross_entropy", "weighted_dice_loss",
 ]

@@ -24,6 +24,7 @@ from panseg.store.zarr_store import read_case
 from panseg.training.augment import augment_batch
 from panseg.training.losses import DeepSupervisionLoss, DiceCELoss, class_weights, deep_supervision_weights
 from panseg.training.model import build_model
+from panseg.training.sampling import PatchSampler
 
 # ----------------------------------------------------------------------------------------------
 # Sessions
@@ -87,12 +88,21 @@ def make_model(cfg: PansegConfig) -> torch.nn.Module:
     return build_model(cfg.model, num_classes_of(cfg), cfg.train.patch_size_zyx, cfg.preprocess.target_spacing_zyx_mm)
 
 
-def make_loss(cfg: PansegConfig, n_outputs: int) -> torch.nn.Module:
+def make_loss(cfg: PansegConfig, n_outputs: int, world_size: int = 1) -> torch.nn.Module:
+    """The training loss; with `world_size` > 1 (DDP), the loss of all ranks' batches together."""
     tcfg = cfg.train
     weights = class_weights(num_classes_of(cfg), tcfg.tumor_weight, tcfg.background_weight, tumor_id=TUMOR_ID)
     base = DiceCELoss(weights, tcfg.alpha_dice, tcfg.alpha_ce, include_background=tcfg.dice_include_background,
-                      batch_dice=tcfg.batch_dice)
+                      batch_dice=tcfg.batch_dice, across_ranks=world_size > 1)
     return DeepSupervisionLoss(base, deep_supervision_weights(n_outputs)) if n_outputs > 1 else base
+
+
+def make_sampler(cfg: PansegConfig, store: str, train_ids: list[str], rank: int = 0) -> PatchSampler:
+    """The training patch sampler of one rank, with the config's sampling settings (what training uses)."""
+    tcfg = cfg.train
+    return PatchSampler(store, list(train_ids), tcfg.patch_size_zyx, tcfg.tumor_sampling_ratio,
+                        tcfg.random_patch_fraction, cfg.preprocess.clip_hu, tumor_id=TUMOR_ID, seed=tcfg.seed,
+                        rank=rank, class_voxel_offset=tcfg.class_voxel_offset)
 
 
 def make_optimizer(model: torch.nn.Module, tcfg: TrainConfig) -> torch.optim.Optimizer:
@@ -136,10 +146,10 @@ def to_memory_format(model: torch.nn.Module, memory_format: torch.memory_format)
     return model
 
 
-def build_training_parts(cfg: PansegConfig, device: torch.device) -> TrainingParts:
+def build_training_parts(cfg: PansegConfig, device: torch.device, world_size: int = 1) -> TrainingParts:
     model = to_memory_format(make_model(cfg).to(device), training_memory_format(cfg.train, device))
     n_outputs = len(model.strides) - 1 if cfg.model.deep_supervision else 1
-    loss = make_loss(cfg, n_outputs).to(device)
+    loss = make_loss(cfg, n_outputs, world_size).to(device)
     optimizer = make_optimizer(model, cfg.train)
     augment_cfg = cfg.train.augment
 

@@ -37,11 +37,14 @@ def test_evaluate_folders_scores_missing_extra_mismatched_and_healthy_cases(tmp_
     assert "case moved" in message and "(2.5, 1.0, 1.0)" in message and "(2.0, 1.0, 1.0)" in message
     assert rows["healthy_ok"]["rule"] == "both_empty" and rows["healthy_fp"]["rule"] == "one_empty"
     assert result.missing == ("missing",) and result.extra == ("stray",)
+    assert result.unreadable == ("moved",) and result.truth_errors == ()
     assert result.healthy_ids == ("healthy_fp", "healthy_ok")
     assert result.false_positive_rate == 0.5
     assert result.dsc.n == 5 and result.dsc.mean == pytest.approx(2 / 5)
     table = format_table(result)
     assert "DSC (%)" in table and "40.00 ± 48.99" in table and "stray" in table and "50.0%" in table
+    assert "cases: 5, scored 3, missing 1, unreadable or off-grid 1 (scored 0, as FLARE does)" in table
+    assert "healthy: 2, false-positive rate on healthy: 50.0% (1 of 2 predicted)" in table
     assert "Inference Time" not in table  # no predictions.csv
     # perfect 1, missing 0, moved 0; an empty prediction everywhere scores the 2 healthy of 5 cases
     assert "cases with lesions: DSC 33.33% (mean of 3); predicting no lesion anywhere would score 40.00%" in table

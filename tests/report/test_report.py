@@ -20,8 +20,8 @@ from panseg.report.figures import (PREDICTION_COLOR, TRUTH_COLOR, CaseView, Slic
                                    largest_component_point, pick_slice_point, render_case_png, render_curves_png)
 from panseg.report.page import (DEFAULT_MAX_CASES, ReportSources, build_report, input_kind, read_training_log,
                                 sources_from_paths)
+from tests.optional import require_program
 
-CHROMIUM = shutil.which("chromium")  # Debian's package: /usr/bin/chromium
 LPS = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 RAS = (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)
 
@@ -308,7 +308,8 @@ def _chromium(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
              f"--user-data-dir={tmp_path / 'chromium-profile'}"]
-    return subprocess.run([CHROMIUM, *flags, *args], capture_output=True, encoding="utf-8", errors="replace",
+    chromium = require_program("chromium", "apt-get install chromium (Debian's package; .ci/run installs it)")
+    return subprocess.run([chromium, *flags, *args], capture_output=True, encoding="utf-8", errors="replace",
                           timeout=120)
 
 
@@ -318,7 +319,6 @@ def _body_attributes(dom: str) -> dict[str, str]:
     return dict(re.findall(r'([\w-]+)="([^"]*)"', body.group(1)))
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium on PATH (Debian: apt-get install chromium; .ci/run installs it)")
 def test_report_opens_in_headless_chromium_with_every_image_loaded(report_inputs, tmp_path):
     page = report_inputs["out"]
     dumped = _chromium(["--dump-dom", page.as_uri()], tmp_path)

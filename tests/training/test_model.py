@@ -17,6 +17,7 @@ from panseg.training.model import (
     plan_strides,
     required_divisor,
 )
+from tests.optional import import_optional
 
 PAPER_PATCH = (96, 128, 160)
 PAPER_SPACING = (1.6, 1.2859, 1.2859)
@@ -134,7 +135,8 @@ def test_paper_model_has_nnunet_parameter_count(paper_model):
 
 def test_paper_model_matches_plain_conv_unet(paper_model):
     """Same parameter shapes in the same order as PlainConvUNet, and with its weights, the same outputs."""
-    unet = pytest.importorskip("dynamic_network_architectures.architectures.unet")
+    unet = import_optional("dynamic_network_architectures.architectures.unet",
+                           "pip install --no-deps dynamic-network-architectures==0.4.4 (README)")
     torch.manual_seed(1)
     reference = unet.PlainConvUNet(
         input_channels=1, n_stages=6, features_per_stage=list(PAPER_FEATURES), conv_op=nn.Conv3d, kernel_sizes=3,

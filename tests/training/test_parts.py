@@ -2,6 +2,7 @@
 time, and channels-last
 on the CPU giving the same loss and gradients as contiguous tensors."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -57,3 +58,79 @@ def test_channels_last_on_cpu_trains_the_same_numbers():
         grads[layout] = torch.cat([p.grad.flatten() for p in parts.model.parameters()])
     assert losses["channels_last"] == pytest.approx(losses["contiguous"], rel=1e-5)
     torch.testing.assert_close(grads["channels_last"], grads["contiguous"], rtol=1e-3, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Settings that reach training: the loss's class weights and the sampler's class shares
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tumor_weight", [1.0, 3.5, 7.0])
+@pytest.mark.parametrize("n_outputs", [1, 4])
+def test_the_tumor_tasks_loss_weights_are_ones_and_the_tumor_weight(tumor_weight, n_outputs):
+    from panseg.training.losses import DeepSupervisionLoss, DiceCELoss
+    from panseg.training.parts import make_loss
+
+    loss = make_loss(build_config("paper", overrides=[f"train.tumor_weight={tumor_weight}"]), n_outputs)
+    base = loss.loss if n_outputs > 1 else loss
+    assert isinstance(base, DiceCELoss) and isinstance(loss, DeepSupervisionLoss) == (n_outputs > 1)
+    assert base.class_weights.tolist() == [1.0] * 14 + [tumor_weight]
+
+
+def test_the_tumor_weight_changes_the_loss_of_a_tumor_error():
+    """The weights are not only stored: a batch whose one error is on tumor voxels costs more with a larger weight."""
+    from panseg.training.parts import make_loss
+
+    target = torch.zeros(1, 1, 4, 4, 4, dtype=torch.long)
+    target[0, 0, :2] = 14  # half tumor, half background
+    logits = torch.full((1, 15, 4, 4, 4), -4.0)
+    logits[:, 0] = 4.0  # background everywhere: the tumor is missed
+    values = [float(make_loss(build_config("paper", overrides=["train.alpha_dice=0", f"train.tumor_weight={w}"]), 1)
+                    (logits, target)) for w in (1.0, 5.0)]
+    assert values[1] > values[0] * 1.5
+
+
+def _store_with_every_class(path):
+    """A store (written with the real writer) whose two cases hold every class 1-14."""
+    from panseg.config import PreprocessConfig
+    from panseg.preprocessing.case import PreprocessedCase
+    from panseg.store import zarr_store as store
+
+    clip = (-160.0, 240.0)
+    store.create_store(path, PreprocessConfig(chunk_zyx=(8, 8, 8), task="tumor", clip_hu=clip))
+    cases = []
+    for seed, case_id in enumerate(("case_a", "case_b")):
+        shape = (16, 16, 30)
+        label = np.zeros(shape, dtype=np.uint8)
+        for c in range(1, 15):  # one 2x4x2 block per class
+            label[4:6, 4:8, 2 * c - 1:2 * c + 1] = c
+        image = np.random.default_rng(seed).integers(-160, 241, size=shape, dtype=np.int16)
+        locations = {c: np.argwhere(label == c).astype(np.int32) for c in range(1, 15)}
+        counts = {str(c): int((label == c).sum()) for c in range(15)}
+        attrs = {"case_id": case_id, "task": "tumor", "status": "ok", "resampled_shape_zyx": list(shape),
+                 "clip_hu": list(clip), "class_counts": counts}
+        cases.append(PreprocessedCase(case_id, "ok", image, label, locations, attrs))
+    for case in cases:
+        store.write_case(path, case)
+    store.write_manifest(path, [store.case_manifest_row(c) for c in cases])
+    return str(path), [c.case_id for c in cases]
+
+
+@pytest.mark.parametrize("ratio, random_fraction", [(5.0, 0.0), (5.0, 0.3), (1.0, 0.1), (10.0, 0.5)])
+def test_the_sampler_draws_tumor_and_random_patches_in_the_configured_shares(tmp_path, ratio, random_fraction):
+    """~20k draws of the sampler training builds (parts.make_sampler): tumor-centred patches are within 1.5
+    points of ratio / (13 + ratio) of the class-centred ones, random patches random_patch_fraction of all."""
+    from panseg.training.parts import make_sampler
+
+    store_path, case_ids = _store_with_every_class(tmp_path / "store.zarr")
+    cfg = build_config("tiny", overrides=[f"train.tumor_sampling_ratio={ratio}",
+                                          f"train.random_patch_fraction={random_fraction}"])
+    sampler = make_sampler(cfg, store_path, case_ids)
+    draws = [r.class_id for it in range(100) for r in sampler.requests(epoch=0, iteration=it, batch_size=200)]
+    classes = np.asarray(draws)
+    centred = classes[classes >= 0]
+    assert len(classes) == 20_000 and set(np.unique(centred)) == set(range(1, 15))
+    assert abs(np.mean(classes == -1) - random_fraction) < 0.015
+    assert abs(np.mean(centred == 14) - ratio / (13 + ratio)) < 0.015
+    organ_shares = np.bincount(centred, minlength=15)[1:14] / len(centred)
+    assert np.all(np.abs(organ_shares - 1 / (13 + ratio)) < 0.015)  # each organ weight 1
