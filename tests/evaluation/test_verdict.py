@@ -13,8 +13,9 @@ def _metrics_csv(path, rows):
     full = [{"case_id": c, "dsc": d, "nsd": d, "rule": "", "healthy": h, "false_positive": fp if h else None,
              "error": None} for c, d, h, fp in rows]
     result = EvaluationResult(tuple(full), summarize(r["dsc"] for r in full), summarize(r["nsd"] for r in full),
-                              0.5, tuple(r["case_id"] for r in full if r["healthy"]), (), (), (), summarize([]),
-                              summarize([]))
+                              0.5, tuple(r["case_id"] for r in full if r["healthy"]), missing=(), unreadable=(),
+                              truth_errors=(), extra=(), errors=(), seconds=summarize([]),
+                              gpu_area_mb_s=summarize([]))
     return write_csv(result, path)
 
 
