@@ -43,7 +43,6 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
-import cc3d
 import numpy as np
 import torch
 
@@ -51,7 +50,7 @@ from panseg.config import TUMOR_ID
 from panseg.data_pipeline import process_one
 from panseg.demo import DEFAULT_CASES, DEFAULT_HEALTHY, demo_config
 from panseg.evaluation.folders import evaluate_folders
-from panseg.evaluation.metrics import dice
+from panseg.evaluation.lesions import score_cases
 from panseg.inference.predictor import Predictor, load_predictor, predict_case
 from panseg.io import discover_cohort, read_volume, write_volume
 from panseg.phantom.cohort import write_cohort
@@ -129,16 +128,6 @@ def snapshot_dirs(run: Path) -> list[tuple[dict, Path]]:
 # ----------------------------------------------------------------------------------------------
 
 
-def lesion_counts(prediction: np.ndarray, truth: np.ndarray) -> tuple[int, int, int]:
-    """(true lesions, true lesions touched by a predicted voxel, predicted components touching no lesion)."""
-    true_cc = cc3d.connected_components(truth, connectivity=26)
-    pred_cc = cc3d.connected_components(prediction, connectivity=26)
-    n_true, n_pred = int(true_cc.max()), int(pred_cc.max())
-    touched = len(set(np.unique(true_cc[prediction])) - {0})
-    hitting = set(np.unique(pred_cc[truth])) - {0}
-    return n_true, touched, n_pred - len(hitting)
-
-
 def load_snapshot(recipe: str, folder: Path, threads: int) -> Predictor:
     if recipe == "monai":
         from bench.learning_monai import monai_predictor
@@ -155,25 +144,15 @@ def score_snapshot(predictor: Predictor, work: Path, test_ids: list[str], out: P
         if d.exists():
             shutil.rmtree(d)
         d.mkdir(parents=True)
-    totals = {"lesions": 0, "touched": 0, "false_components": 0, "organ_dice": [], "seconds": 0.0,
-              "healthy_with_fp": 0}
+    seconds = 0.0
     for case_id in test_ids:
         row = predict_case(predictor, work / "raw" / "imagesTr" / f"{case_id}_0000.nii.gz", full / f"{case_id}.nii.gz",
                            case_id=case_id)
-        totals["seconds"] += row["seconds"]
+        seconds += row["seconds"]
         labels = read_volume(full / f"{case_id}.nii.gz")
-        tumor = labels.array == TUMOR_ID
-        write_volume(replace(labels, array=tumor.astype(np.uint8)), tumor_dir / f"{case_id}.nii.gz")
-        truth = read_volume(work / "truth" / f"{case_id}.nii.gz").array > 0
-        n_true, touched, false_cc = lesion_counts(tumor, truth)
-        totals["healthy_with_fp"] += int(n_true == 0 and bool(tumor.any()))
-        totals["lesions"] += n_true
-        totals["touched"] += touched
-        totals["false_components"] += false_cc
-        organs = read_volume(work / "truth" / "organs" / f"{case_id}.nii.gz").array
-        present = [c for c in np.unique(organs) if 0 < c < TUMOR_ID]
-        if present:
-            totals["organ_dice"].append(float(np.mean([dice(labels.array == c, organs == c) for c in present])))
+        write_volume(replace(labels, array=(labels.array == TUMOR_ID).astype(np.uint8)), tumor_dir / f"{case_id}.nii.gz")
+    lesions = score_cases(full, work / "test_truth", work / "truth" / "organs", test_ids)
+    organ = [r["organ_dice"] for r in lesions if r["organ_dice"] is not None]
     complete = evaluate_folders(tumor_dir, work / "test_truth")
     partial = evaluate_folders(tumor_dir, work / "test_labels")
     assert not complete.missing and not partial.missing, (complete.missing, partial.missing)
@@ -182,11 +161,13 @@ def score_snapshot(predictor: Predictor, work: Path, test_ids: list[str], out: P
         "tumor_dsc": round(complete.dsc.mean, 4), "tumor_nsd": round(complete.nsd.mean, 4),
         "tumor_dsc_lesion_cases": round(float(np.mean([r["dsc"] for r in lesion_rows])), 4) if lesion_rows else None,
         "tumor_dsc_partial": round(partial.dsc.mean, 4), "tumor_nsd_partial": round(partial.nsd.mean, 4),
-        "lesion_recall": round(totals["touched"] / max(1, totals["lesions"]), 4),
-        "false_components_per_case": round(totals["false_components"] / len(test_ids), 2),
-        "healthy_with_fp": totals["healthy_with_fp"], "healthy_cases": len(complete.healthy_ids),
-        "organ_dice": round(float(np.mean(totals["organ_dice"])), 4) if totals["organ_dice"] else None,
-        "predict_seconds_per_case": round(totals["seconds"] / len(test_ids), 2),
+        "lesion_recall": round(sum(r["lesions_found"] for r in lesions) / max(1, sum(r["lesions"] for r in lesions)), 4),
+        "false_components_per_case": round(sum(r["false_components"] for r in lesions) / len(test_ids), 2),
+        # A healthy case with any tumor voxel has a component touching no lesion.
+        "healthy_with_fp": sum(1 for r in lesions if r["lesions"] == 0 and r["false_components"] > 0),
+        "healthy_cases": len(complete.healthy_ids),
+        "organ_dice": round(float(np.mean(organ)), 4) if organ else None,
+        "predict_seconds_per_case": round(seconds / len(test_ids), 2),
     }
 
 

@@ -234,12 +234,7 @@ def read_geometry(path: str | Path) -> Geometry:
     path = Path(path)
     if path.is_dir():
         return geometry_of(_read_dicom_series(path))
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError as err:
-        raise ImageReadError(f"{path} could not be read: {_itk_reason(err)}") from None
+    reader = _header_reader(path)
     size = reader.GetSize()
     if len(size) != 3:
         raise ImageReadError(f"{path} must be 3D, but its size is {size}")
@@ -257,13 +252,19 @@ def read_notes(path: str | Path) -> str | None:
     Raises:
         ImageReadError: the file cannot be read.
     """
+    reader = _header_reader(path)
+    return (reader.GetMetaData(NOTES_KEY) if reader.HasMetaDataKey(NOTES_KEY) else "") or None
+
+
+def _header_reader(path: str | Path) -> sitk.ImageFileReader:
+    """A SimpleITK reader that has read `path`'s header (not its voxels)."""
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
         reader.ReadImageInformation()
     except RuntimeError as err:
         raise ImageReadError(f"{path} could not be read: {_itk_reason(err)}") from None
-    return (reader.GetMetaData(NOTES_KEY) if reader.HasMetaDataKey(NOTES_KEY) else "") or None
+    return reader
 
 
 def _read_dicom_series(folder: Path) -> sitk.Image:
