@@ -25,6 +25,28 @@ def write_phantom_cohort(raw: Path, cases: int, healthy: int, workers: int) -> d
             "kinds": [c.kind for c in summary.cases], "mean_megavoxels": round(statistics.mean(voxels) / 1e6, 1)}
 
 
+def store_cohort(raw: Path, store: Path, cfg, workers: int) -> list[dict]:
+    """Every valid case of `raw` preprocessed by `data_pipeline.process_one` (what Ray Data's actors run
+    per case) in a spawn pool of `workers` (no Ray, no forked CUDA context) into a new store with its
+    manifest; returns the manifest rows. Raises naming the first failed case."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from panseg.data_pipeline import process_one
+    from panseg.io import discover_cohort
+    from panseg.store.zarr_store import create_store, write_manifest
+
+    create_store(store, cfg)
+    cases = list(discover_cohort(raw).valid)
+    with ProcessPoolExecutor(min(workers, len(cases)), mp_context=multiprocessing.get_context("spawn")) as pool:
+        rows = list(pool.map(process_one, cases, [str(store)] * len(cases), [cfg] * len(cases)))
+    write_manifest(store, rows)
+    failed = [r for r in rows if r["status"] != "ok"]
+    if failed:
+        raise RuntimeError(f"{len(failed)} case(s) failed to preprocess, first: {failed[0]}")
+    return rows
+
+
 def start_cluster_actors() -> float:
     """Run a one-row Ray Data job on an actor pool, so Ray Data's per-cluster actors exist; seconds taken.
 

@@ -47,7 +47,6 @@ import argparse
 import dataclasses
 import importlib.util
 import json
-import multiprocessing
 import os
 import platform
 import statistics
@@ -55,7 +54,6 @@ import subprocess
 import sys
 import time
 import traceback
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -115,25 +113,14 @@ class Sizes:
 
 def phase_cohort(work: Path, sizes: Sizes, workers: int) -> dict:
     from panseg.config import build_config
-    from panseg.data_pipeline import process_one
-    from panseg.io import discover_cohort
     from panseg.phantom.cohort import write_cohort
-    from panseg.store.zarr_store import create_store, write_manifest
 
     raw, store = work / "raw", work / "store.zarr"
     start = time.perf_counter()
     write_cohort(raw, cases=sizes.cases, healthy=sizes.healthy, seed=0, small=sizes.small, workers=workers)
     generated = time.perf_counter() - start
-    cfg = build_config(sizes.preset).preprocess
-    create_store(store, cfg)
-    cases = list(discover_cohort(raw).valid)
-    spawn = multiprocessing.get_context("spawn")  # the parent holds a CUDA context, which a fork must not copy
-    with ProcessPoolExecutor(min(workers, len(cases)), mp_context=spawn) as pool:
-        rows = list(pool.map(process_one, cases, [str(store)] * len(cases), [cfg] * len(cases)))
-    write_manifest(store, rows)
-    failed = [r for r in rows if r["status"] != "ok"]
-    if failed:
-        raise RuntimeError(f"{len(failed)} case(s) failed to preprocess: {failed[0]}")
+    # A spawn pool: the parent holds a CUDA context, which a fork must not copy.
+    rows = _bench_module("_preprocess_cohort").store_cohort(raw, store, build_config(sizes.preset).preprocess, workers)
     return {"cases": len(rows), "generate_s": round(generated, 1), "total_s": round(time.perf_counter() - start, 1),
             "preprocess_s_mean": round(statistics.mean(r["seconds"] for r in rows), 2),
             "shapes_zyx": {r["case_id"]: {"original": r["original_shape"], "resampled": r["resampled_shape"]}

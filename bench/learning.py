@@ -13,8 +13,9 @@ validation fraction), written to WORK/split.json; its 27 held-out cases are the 
 Recipes (each trains once, for `--minutes` of wall-clock training, keeping the model at each of
 `--snapshots` minutes; nothing is chosen by validation, so no test case picks a model):
 - `panseg`: `panseg.demo.demo_config` (tiny U-Net, lr 1e-2 AdamW, tumor weight 5 and sampling ratio
-  5, no augmentation) with `train.lr_schedule=poly_time` over `--minutes`, `train.snapshot_minutes`,
-  and one process with the machine's threads (`train_local`) instead of the demo's 2 DDP workers.
+  5, no augmentation, `train.lr_schedule=poly_time` over `--minutes`) with `train.snapshot_minutes`,
+  in one process with the machine's threads (`train_local`; the demo runs the same in one Ray Train
+  worker holding every CPU).
 - `monai`: the peer of issue 17 (bench extra): MONAI's DynUNet (8-16-32-64), DiceCELoss,
   RandCropByLabelClassesd (tumor 5x each organ), AdamW 1e-2 with poly decay over the same time, on
   the same store, split, patch (32x64x64) and batch (2). Its snapshots are predicted by panseg's own
@@ -33,13 +34,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
 import platform
 import shutil
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -47,15 +46,17 @@ import numpy as np
 import torch
 
 from panseg.config import TUMOR_ID
-from panseg.data_pipeline import process_one
 from panseg.demo import DEFAULT_CASES, DEFAULT_HEALTHY, demo_config
 from panseg.evaluation.folders import evaluate_folders
 from panseg.evaluation.lesions import score_cases
 from panseg.inference.predictor import Predictor, load_predictor, predict_case
-from panseg.io import discover_cohort, read_volume, write_volume
+from panseg.io import read_volume, write_volume
 from panseg.phantom.cohort import write_cohort
-from panseg.store.zarr_store import MANIFEST, create_store, write_manifest
+from panseg.store.zarr_store import MANIFEST
 from panseg.train_loop import load_or_create_split, make_job, read_metrics, train_local
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the bench scripts' shared parts
+from _preprocess_cohort import store_cohort  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_SNAPSHOTS = (5, 10, 20, 30, 40, 60, 80, 100, 120)
@@ -67,17 +68,9 @@ def build_cohort(work: Path, cases: int, healthy: int, workers: int) -> Path:
     if (store / MANIFEST).exists():
         return store
     write_cohort(raw, cases=cases, healthy=healthy, seed=0, small=True, truth_dir=truth, workers=workers)
-    cfg = demo_config().preprocess
     if store.exists():
         shutil.rmtree(store)
-    create_store(store, cfg)
-    todo = list(discover_cohort(raw).valid)
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        rows = list(pool.map(process_one, todo, [str(store)] * len(todo), [cfg] * len(todo)))
-    write_manifest(store, rows)
-    failed = [r for r in rows if r["status"] != "ok"]
-    if failed:
-        raise RuntimeError(f"{len(failed)} case(s) failed to preprocess, first: {failed[0]}")
+    store_cohort(raw, store, demo_config().preprocess, workers)
     return store
 
 
@@ -106,8 +99,8 @@ def train_panseg(work: Path, store: Path, minutes: float, snapshots: tuple[float
     run = work / "runs" / "panseg"
     if run.exists():
         shutil.rmtree(run)
-    cfg = demo_config(epochs=100_000, minutes=minutes)
-    tcfg = replace(cfg.train, lr_schedule="poly_time", snapshot_minutes=tuple(float(m) for m in snapshots),
+    cfg = demo_config(minutes=minutes)  # poly_time over `minutes`, the clock ends training
+    tcfg = replace(cfg.train, snapshot_minutes=tuple(float(m) for m in snapshots),
                    val_every_epochs=100_000, checkpoint_every_epochs=20)
     job = make_job(replace(cfg, train=tcfg), str(store), str(run), split_file=str(work / "split.json"))
     train_local(job)

@@ -82,9 +82,11 @@ def train_monai(work: Path, store: Path, split: dict, minutes: float, snapshots:
         for group in optimizer.param_groups:
             group["lr"] = base_lr * (1 - elapsed / budget) ** 0.9
         batch = [crop(cases[i])[0] for i in rng.integers(0, len(cases), size=2)]
-        image = torch.stack([torch.as_tensor(np.asarray(b["image"]), dtype=torch.float32) for b in batch])
-        label = torch.stack([torch.as_tensor(np.asarray(b["label"]), dtype=torch.long) for b in batch])
-        image, label = _pad_to(image, PATCH_ZYX), _pad_to(label, PATCH_ZYX)
+        # A case smaller than the patch on some axis gives a smaller crop: pad each before stacking.
+        image = torch.stack([_pad_to(torch.as_tensor(np.asarray(b["image"]), dtype=torch.float32), PATCH_ZYX)
+                             for b in batch])
+        label = torch.stack([_pad_to(torch.as_tensor(np.asarray(b["label"]), dtype=torch.long), PATCH_ZYX)
+                             for b in batch])
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(model(image), label)
         loss.backward()

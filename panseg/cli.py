@@ -416,7 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="phantom cases with lesions (default 120; with --two-stage 8)")
     p.add_argument("--healthy", type=int, default=None, help="healthy phantom cases (default 16; with --two-stage 2)")
     p.add_argument("--minutes", type=float, default=None,
-                   help="training time budget; the run ends at the first epoch boundary past it (default 9)")
+                   help="training time budget: the learning rate decays over it and the run ends at the first "
+                   "epoch boundary past it (default 12)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-cpus", type=int, default=None)
     p.add_argument("--two-stage", action="store_true",

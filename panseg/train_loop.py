@@ -67,6 +67,12 @@ class RayTrainSession(Session):
         group = ray.util.get_current_placement_group()
         self.placement_group_id = group.id.hex() if group is not None else None
         self._restored_dir: tempfile.TemporaryDirectory | None = None
+        if self.device.type == "cpu":
+            # A CPU worker computes with as many threads as the CPUs it holds (ScalingConfig's
+            # resources_per_worker), whatever OMP_NUM_THREADS Ray's worker process started with.
+            cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+            if cpus:
+                torch.set_num_threads(max(1, int(cpus)))
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         import ray.train.torch
@@ -222,7 +228,8 @@ def _record_worker(run_dir: str, session: Session) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     info = {"rank": session.rank, "world_size": session.world_size, "pid": os.getpid(),
             "host": socket.gethostname(), "node_id": session.node_id, "device": str(session.device),
-            "placement_group": session.placement_group_id, "started": time.time()}
+            "torch_threads": torch.get_num_threads(), "placement_group": session.placement_group_id,
+            "started": time.time()}
     tmp = folder / f".rank_{session.rank}.json.tmp"
     tmp.write_text(json.dumps(info))
     os.replace(tmp, folder / f"rank_{session.rank}.json")

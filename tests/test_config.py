@@ -123,14 +123,18 @@ def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
         build_config("paper", overrides=["train.lr=nan"])
 
 
-def test_the_demo_recipe_decays_its_learning_rate_over_the_epochs_its_minutes_hold():
-    from panseg.demo import EPOCHS_PER_MINUTE, demo_config
+def test_the_demo_recipe_decays_its_learning_rate_over_its_minutes_or_its_epochs():
+    from panseg.demo import demo_config
     from panseg.training.parts import lr_at_epoch
 
     cfg = demo_config(minutes=5.0)
-    assert cfg.train.epochs == round(5.0 * EPOCHS_PER_MINUTE) and cfg.train.time_limit_minutes == 5.0
+    assert (cfg.train.lr_schedule, cfg.train.time_limit_minutes) == ("poly_time", 5.0)
     assert (cfg.train.tumor_weight, cfg.train.tumor_sampling_ratio) == (5.0, 5.0)  # the paper's
-    last = lr_at_epoch(cfg.train, cfg.train.epochs - 1)
-    assert lr_at_epoch(cfg.train, 0) == 1e-2 and 0 < last < 1e-3
-    assert demo_config(minutes=None).train.time_limit_minutes is None
+    # The clock, not the epoch, sets the rate: 1e-2 at the start, (1 - 0.5) ** 0.9 of it half-way, 0 at the end.
+    assert lr_at_epoch(cfg.train, 50, 0.0) == 1e-2
+    assert lr_at_epoch(cfg.train, 0, 150.0) == pytest.approx(1e-2 * 0.5 ** 0.9)
+    assert lr_at_epoch(cfg.train, 0, 300.0) == 0.0
+    untimed = demo_config(minutes=None).train
+    assert (untimed.lr_schedule, untimed.time_limit_minutes, untimed.epochs) == ("poly", None, 32)
+    assert 0 < lr_at_epoch(untimed, untimed.epochs - 1) < 1e-3
     assert demo_config(epochs=7, minutes=3.0).train.epochs == 7

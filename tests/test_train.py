@@ -151,7 +151,20 @@ def test_two_worker_ddp_on_cpu(tiny_store, tmp_path):
     assert [w["rank"] for w in workers] == [0, 1]
     group = workers[0]["placement_group"]  # both ranks run in the worker group's one placement group
     assert group == workers[1]["placement_group"] and len(bytes.fromhex(group)) == 18
+    assert [w["torch_threads"] for w in workers] == [1, 1]  # one CPU each
     assert load_checkpoint(run / "model_final").epoch == 2
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_one_cpu_worker_computes_with_a_thread_per_cpu_it_holds(tiny_store, tmp_path):
+    """The demo's CPU training: one Ray Train worker holding both CPUs trains with 2 torch threads."""
+    _, store, _ = tiny_store
+    run = train_distributed(make_job(_cfg("train.epochs=1"), str(store), str(tmp_path / "one")), num_workers=1,
+                            use_gpu=False, cpus_per_worker=2.0)
+    worker = json.loads((run / "workers" / "rank_0.json").read_text())
+    assert (worker["world_size"], worker["torch_threads"]) == (1, 2)
+    assert [r["epoch"] for r in _metrics(run)] == [1] and load_checkpoint(run / "model_final").epoch == 1
 
 
 @pytest.mark.ray

@@ -90,7 +90,8 @@ def format_verdict(scores: TestScores, minutes: float | None, val_cases: int, on
     if scores.organ_dice is not None:
         lines.append(f"  organ Dice (mean of the organs present): {scores.organ_dice:.2f}")
     if curve:
-        lines.append("  measured curve (bench/results/learning.json, panseg recipe, 2 CPU cores): "
+        lines.append("  measured curve (bench/results/learning.json: the demo's recipe on 2 CPU cores, models kept at "
+                     "these minutes of one longer run): "
                      + ", ".join(f"{m:g} min {pct(d)}" for m, d in curve))
     more = "" if on_gpu else ", or on a GPU, where the demo trains the same minutes in one process"
     lines.append(("  this run learnt more than predicting nothing. " if above else

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from panseg.config import TUMOR_ID, PansegConfig, TrainConfig, label_names
+from panseg.evaluation.lesions import mean_organ_dice
 from panseg.evaluation.metrics import flare_case_scores
 from panseg.inference.sliding_window import sliding_window_logits
 from panseg.store.zarr_store import read_case
@@ -190,7 +191,8 @@ def validate(model: torch.nn.Module, cfg: PansegConfig, store: str, val_ids: lis
     for case_id in cases:
         image_hu, label, _ = read_case(store, case_id)
         prediction = predict_store_case(model, cfg, image_hu, session.device)
-        organ_dsc = _mean_organ_dice(prediction, label)
+        organ_dsc = mean_organ_dice(prediction, label)
+        organ_dsc = 1.0 if organ_dsc is None else organ_dsc  # no organ in the label: nothing to miss
         if cfg.preprocess.task == "tumor":
             scores = flare_case_scores(prediction == TUMOR_ID, label == TUMOR_ID, spacing)
             sums = [sums[0] + scores.dsc, sums[1] + scores.nsd, sums[2] + organ_dsc, sums[3] + 1]
@@ -204,11 +206,3 @@ def validate(model: torch.nn.Module, cfg: PansegConfig, store: str, val_ids: lis
     if cfg.preprocess.task == "tumor":
         metrics.update(val_tumor_dsc=tumor_dsc / count, val_tumor_nsd=tumor_nsd / count)
     return metrics
-
-
-def _mean_organ_dice(prediction: np.ndarray, label: np.ndarray) -> float:
-    """Mean Dice of the organ classes (1-13) present in the label."""
-    from panseg.evaluation.metrics import dice
-
-    present = [c for c in np.unique(label) if 0 < c < TUMOR_ID]
-    return float(np.mean([dice(prediction == c, label == c) for c in present])) if present else 1.0

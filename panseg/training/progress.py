@@ -32,9 +32,11 @@ def epoch_line(metrics: dict, tcfg: TrainConfig) -> str:
     """`train: epoch 12/32  loss 0.4123  lr 0.00712  val tumor DSC 0.041 (organ Dice 0.52)  3.1 min left`.
 
     The validation part appears on epochs that validated; a tumor model shows its tumor DSC with the
-    organ Dice beside it, an organ model its organ Dice.
+    organ Dice beside it, an organ model its organ Dice. A `poly_time` run is ended by its clock, not
+    its epoch count, so its line shows no epoch total (`train: epoch 12  loss ...  3.1 min left`).
     """
-    parts = [f"train: epoch {metrics['epoch']}/{tcfg.epochs}", f"loss {metrics['train_loss']:.4f}",
+    total = "" if tcfg.lr_schedule == "poly_time" else f"/{tcfg.epochs}"
+    parts = [f"train: epoch {metrics['epoch']}{total}", f"loss {metrics['train_loss']:.4f}",
              f"lr {metrics['lr']:.3g}"]
     if "val_tumor_dsc" in metrics:
         parts.append(f"val tumor DSC {metrics['val_tumor_dsc']:.3f} (organ Dice {metrics['val_organ_dsc']:.2f})")

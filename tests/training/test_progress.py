@@ -24,6 +24,10 @@ def test_the_line_shows_epoch_loss_lr_validation_and_time_left():
     organs = {"epoch": 32, "train_loss": 0.2, "lr": 0.0, "elapsed_seconds": 480.0, "val_organ_dsc": 0.7}
     assert epoch_line(organs, _tcfg()) == "train: epoch 32/32  loss 0.2000  lr 0  val organ Dice 0.700  0.0 min left"
     assert epoch_line({"epoch": 2, "train_loss": 0.5, "lr": 0.01}, _tcfg()) == "train: epoch 2/32  loss 0.5000  lr 0.01"
+    # A poly_time run ends on its clock: no epoch total, and the time left is the budget's.
+    timed = _tcfg("train.time_limit_minutes=9", "train.lr_schedule=poly_time", "train.epochs=100000")
+    assert epoch_line(row, timed) == \
+        "train: epoch 8  loss 0.4123  lr 0.00712  val tumor DSC 0.041 (organ Dice 0.52)  7.0 min left"
 
 
 def test_the_follower_prints_only_new_complete_rows(tmp_path):
