@@ -40,7 +40,7 @@ from panseg.inference.predictor import PreparedCase, load_predictor, prediction_
 from panseg.inference.resource_monitor import CaseUsage, peak_rss_mb, reset_peak_rss
 from panseg.io import (CaseFiles, ImageReadError, Volume, discover_cohort, read_geometry, read_notes, read_volume,
                        write_volume)
-from panseg.preprocessing.case import CaseError
+from panseg.preprocessing.case import CaseError, warn_body_loss
 from panseg.ray_shell import Progress, collect_rows, ray_session
 from panseg.training.checkpoint import load_checkpoint, resolve_checkpoint_file
 
@@ -49,7 +49,8 @@ CSV_NAME = "predictions.csv"
 CSV_COLUMNS = (
     "case_id", "status", "error", "output", "seconds", "prepare_s", "predict_s", "read_s", "crop_s", "resample_s",
     "clip_s", "network_s", "restore_s", "write_s", "peak_rss_mb", "gpu_peak_mb", "gpu_area_mb_s",
-    "gpu_memory_source", "crop_reason", "crop_box_zyx", "original_shape_zyx", "resampled_shape_zyx", "model_id",
+    "gpu_memory_source", "crop_reason", "crop_box_zyx", "crop_body_lost_fraction", "original_shape_zyx",
+    "resampled_shape_zyx", "model_id",
 )
 _HASH_CHUNK = 2**20
 _NOTES_PREFIX = "panseg model "
@@ -128,6 +129,7 @@ def prepare_row(row: dict, preprocess_json: str, threads: int = 1) -> dict:
         volume = read_volume(row["image"], threads=threads)
         read_s = time.perf_counter() - start
         prepared = prepare_volume(volume, cfg, threads)
+        warn_body_loss(row["case_id"], prepared.body_lost_fraction, cfg.body_lost_warn_fraction)
         del volume
         meta = prepared.metadata()
         meta["seconds"] = {"read": read_s, **meta["seconds"]}
