@@ -13,6 +13,7 @@ import cc3d
 import numpy as np
 
 from panseg.config import PreprocessConfig
+from panseg.preprocessing.coarse_box import largest_component_box
 
 _COUNT_SLAB = 32  # z-slices per chunk when counting component sizes
 
@@ -184,9 +185,13 @@ def _largest_component(mask: np.ndarray, connectivity: int) -> _Component | None
 
 
 def body_bbox(hu: np.ndarray, threshold_hu: float, connectivity: int) -> Box | None:
-    """The box of the body: the largest `connectivity`-connected component of hu > threshold_hu."""
-    component = _largest_component(above_threshold(hu, threshold_hu), connectivity)
-    return None if component is None else component.box
+    """The box of the body: the largest `connectivity`-connected component of hu > threshold_hu.
+
+    Decided on a coarse grid and settled at full resolution (`coarse_box`): cc3d's box, for a
+    fraction of a full-resolution labelling. None when no voxel is above the threshold.
+    """
+    result = largest_component_box(above_threshold(hu, threshold_hu), connectivity)
+    return None if result.start_zyx is None else Box(result.start_zyx, result.stop_zyx)
 
 
 def largest_component_bbox(hu: np.ndarray, threshold_hu: float, connectivity: int) -> Box | None:
