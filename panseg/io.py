@@ -150,20 +150,27 @@ def _itk_reason(err: Exception) -> str:
     return text[-300:] if text else "unknown error"
 
 
-def _nifti_expected_bytes(header: bytes, image: sitk.Image) -> int:
-    """Header offset plus voxel bytes that a complete NIfTI-1 or NIfTI-2 file holds."""
+def _nifti_offset_and_type(header: bytes) -> tuple[int, int]:
+    """(vox_offset, datatype code) of a NIfTI-1 or NIfTI-2 header."""
     for endian in "<>":
         sizeof_hdr = struct.unpack(endian + "i", header[:4])[0]
         if sizeof_hdr == 348:
-            vox_offset = int(struct.unpack(endian + "f", header[108:112])[0])
-            break
+            return int(struct.unpack(endian + "f", header[108:112])[0]), struct.unpack(endian + "h", header[70:72])[0]
         if sizeof_hdr == 540:
-            vox_offset = struct.unpack(endian + "q", header[168:176])[0]
-            break
-    else:
-        raise RuntimeError("not a NIfTI header (sizeof_hdr is neither 348 nor 540)")
+            return struct.unpack(endian + "q", header[168:176])[0], struct.unpack(endian + "h", header[12:14])[0]
+    raise RuntimeError("not a NIfTI header (sizeof_hdr is neither 348 nor 540)")
+
+
+def _nifti_expected_bytes(header: bytes, image: sitk.Image) -> int:
+    """Header offset plus voxel bytes that a complete NIfTI-1 or NIfTI-2 file holds.
+
+    Bytes per value are the file's own (an int16 file that ITK rescales to float holds 2 bytes a voxel).
+    """
+    vox_offset, datatype = _nifti_offset_and_type(header)
     voxels = int(np.prod(image.GetSize())) * image.GetNumberOfComponentsPerPixel()
-    return vox_offset + voxels * image.GetSizeOfPixelComponent()
+    stored = _NIFTI_TYPES.get(datatype)
+    size = np.dtype(stored[0]).itemsize if stored else image.GetSizeOfPixelComponent()
+    return vox_offset + voxels * size
 
 
 def _check_nifti_complete(path: Path, image: sitk.Image) -> None:
@@ -199,14 +206,15 @@ def _check_nifti_finite(path: Path, image: sitk.Image) -> None:
     one with patches of water; the file's own bytes are checked instead. Integer CTs (the usual
     case) cost nothing here.
     """
-    dtype = {sitk.sitkFloat32: np.float32, sitk.sitkFloat64: np.float64}.get(image.GetPixelID())
-    if dtype is None or not path.name.endswith((".nii", ".nii.gz")):
+    if image.GetPixelID() not in (sitk.sitkFloat32, sitk.sitkFloat64) or not path.name.endswith((".nii", ".nii.gz")):
         return
     opener = gzip.open if path.name.endswith(".gz") else open
     with opener(path, "rb") as f:
-        header = f.read(540)
-        offset = _nifti_expected_bytes(header, image) - int(np.prod(image.GetSize())) * np.dtype(dtype).itemsize
-        f.seek(offset)
+        vox_offset, datatype = _nifti_offset_and_type(f.read(540))
+        dtype = {16: np.float32, 64: np.float64}.get(datatype)  # the file's values, before any rescaling
+        if dtype is None:
+            return
+        f.seek(vox_offset)
         data = np.frombuffer(f.read(), dtype=dtype)
     bad = int(np.isnan(data).sum())
     if bad:
@@ -225,8 +233,79 @@ def _gunzipped_size(path: Path) -> int:
 
 
 def read_volume(path: str | Path, threads: int | None = None) -> Volume:
-    """Read a 3D image as a `Volume` (array in (z, y, x) order, dtype as stored)."""
+    """Read a 3D image as a `Volume` (array in (z, y, x) order, dtype as stored).
+
+    A `.nii.gz` file is decompressed by ISA-L (`_read_nifti_gz`, ~1.5x less CPU than ITK's zlib)
+    into the array, with the geometry ITK reads from its header, so the result is SimpleITK's;
+    every other format, and any NIfTI the fast path cannot read exactly as ITK does, goes to SimpleITK.
+    """
+    path = Path(path)
+    if path.name.endswith(".nii.gz") and path.is_file():
+        volume = _read_nifti_gz(path)
+        if volume is not None:
+            return volume
     return from_sitk(read_sitk(path, threads))
+
+
+# NIfTI-1 datatype code -> numpy dtype and the SimpleITK pixel type ITK reads it as (no scaling)
+_NIFTI_TYPES = {2: (np.uint8, sitk.sitkUInt8), 4: (np.int16, sitk.sitkInt16), 8: (np.int32, sitk.sitkInt32),
+                16: (np.float32, sitk.sitkFloat32), 64: (np.float64, sitk.sitkFloat64), 256: (np.int8, sitk.sitkInt8),
+                512: (np.uint16, sitk.sitkUInt16), 768: (np.uint32, sitk.sitkUInt32),
+                1024: (np.int64, sitk.sitkInt64), 1280: (np.uint64, sitk.sitkUInt64)}
+
+
+def _nifti1_layout(header: bytes) -> tuple[str, tuple[int, int, int], int, int, float, float] | None:
+    """(byte order, dims xyz, datatype, vox_offset, scl_slope, scl_inter) of a 3D NIfTI-1 header, else None."""
+    for endian in "<>":
+        if len(header) >= 348 and struct.unpack(endian + "i", header[:4])[0] == 348:
+            dim = struct.unpack(endian + "8h", header[40:56])
+            datatype = struct.unpack(endian + "h", header[70:72])[0]
+            vox_offset, slope, inter = struct.unpack(endian + "3f", header[108:120])
+            if dim[0] != 3 or min(dim[1:4]) < 1 or header[344:347] != b"n+1":
+                return None
+            return endian, dim[1:4], datatype, int(vox_offset), slope, inter
+    return None
+
+
+def _read_nifti_gz(path: Path) -> Volume | None:
+    """A single-file 3D NIfTI-1 `.nii.gz` decompressed by ISA-L into its array; None when ITK would read
+    it otherwise (NIfTI-2, 4D, intensity scaling, another pixel type): then SimpleITK reads it.
+
+    The geometry is what ITK's reader takes from the header (qform/sform rules included), so spacing,
+    origin and direction equal SimpleITK's by construction; tests compare the arrays.
+
+    Raises:
+        ImageReadError: unreadable, truncated, or float voxels that are NaN (as `read_sitk` says).
+    """
+    from isal import igzip  # imported here: only this path needs it
+
+    try:
+        with igzip.open(path, "rb") as f:
+            layout = _nifti1_layout(f.read(348))
+            if layout is None:
+                return None
+            endian, (nx, ny, nz), datatype, vox_offset, slope, inter = layout
+            if datatype not in _NIFTI_TYPES or slope not in (0.0, 1.0) or inter != 0.0:
+                return None
+            info = _header_reader(path)  # after the cheap checks: its pixel type and geometry are ITK's
+            dtype, pixel = _NIFTI_TYPES[datatype]
+            if info.GetPixelID() != pixel or info.GetSize() != (nx, ny, nz) or info.GetNumberOfComponents() != 1:
+                return None
+            array = np.empty((nz, ny, nx), dtype=np.dtype(dtype).newbyteorder(endian))
+            f.seek(vox_offset)
+            got = f.readinto(array.reshape(-1).view(np.uint8))
+    except (OSError, EOFError, ValueError) as err:
+        raise ImageReadError(f"{path} could not be read: {err}") from None
+    if got < array.nbytes:
+        raise ImageReadError(f"{path} could not be read: truncated NIfTI: {vox_offset + got} of "
+                             f"{vox_offset + array.nbytes} bytes present")
+    if not array.dtype.isnative:
+        array = array.astype(array.dtype.newbyteorder("="))
+    if array.dtype.kind == "f" and (bad := int(np.isnan(array).sum())):
+        raise ImageReadError(f"{path} could not be read: {bad} voxel(s) are NaN; a CT must hold finite "
+                             "Hounsfield units")
+    return Volume(array, tuple(float(s) for s in reversed(info.GetSpacing())),
+                  tuple(float(o) for o in info.GetOrigin()), tuple(float(d) for d in info.GetDirection()))
 
 
 def read_geometry(path: str | Path) -> Geometry:
