@@ -13,9 +13,12 @@ predict the case. The box of a big blob (the body) needs far less:
    is labelled with cc3d; the band's components holding a sample of C belong to the true component,
    and the face moves to their farthest voxel (the band widens while they reach its edge). A pass
    settles the six faces; another pass follows only while the proof (4) fails and a face moved.
-4. Proof of the box: no mask voxel inside the box may touch (in the given connectivity) a mask voxel
-   just outside it. Then no component crosses the box, so the component of C lies inside it, and
-   every face holds one of its voxels: the box is exactly that component's box.
+4. Proof of the box: no mask voxel just outside the box that touches (in the given connectivity) a
+   mask voxel inside it may belong to C's component. That component then cannot leave the box, so
+   it lies inside it, and every face holds one of its voxels: the box is exactly its box. A touching
+   voxel is cleared when its block lies outside C's component of the coarse grid where a block
+   counts if it holds any mask voxel (full-resolution paths step only between neighbouring blocks,
+   so that component holds all of C's): a table reaching into the box or noise specks are cleared.
 
 When the proof fails (something touches the box from outside that settling cannot reach), when the
 mask sampled every `steps` voxels has a second 6-component of more than half the samples of its
@@ -33,7 +36,7 @@ import cc3d
 import numpy as np
 
 STEPS = (2, 4, 4)  # coarse steps (z, y, x): 1/32 of the voxels are labelled
-_MIN_CELLS = 8  # fewer coarse cells than this along y or x: label at full resolution
+_MIN_CELLS = 8  # fewer coarse cells than this along y or x (2 along z): label at full resolution
 _RUNNER_UP_RATIO = 0.5  # a second coarse component above this share of the first: label at full resolution
 _BAND_OUT = 4  # voxels a band first reaches beyond a face (doubled while components reach its edge)
 _MAX_PASSES = 8
@@ -66,7 +69,7 @@ def largest_component_box(mask: np.ndarray, connectivity: int, steps: tuple[int,
     if connectivity not in (6, 18, 26) or len(steps) != 3 or min(steps) < 1:
         raise ValueError(f"connectivity must be 6, 18 or 26 and steps three integers >= 1, but they are "
                          f"{connectivity}, {steps}")
-    if any(n < _MIN_CELLS * s for n, s in zip(mask.shape, steps)):
+    if mask.shape[0] < 2 * steps[0] or any(n < _MIN_CELLS * s for n, s in zip(mask.shape[1:], steps[1:])):
         return _full_resolution(mask, connectivity)
     seeds = _largest_block_component(mask, steps)
     if seeds is None:
@@ -74,11 +77,12 @@ def largest_component_box(mask: np.ndarray, connectivity: int, steps: tuple[int,
     box = seed_box = _seed_box(seeds, steps)
     for _ in range(_MAX_PASSES):
         settled = tuple(tuple(v) for v in _settle_pass(mask, connectivity, seeds, steps, seed_box, box))
-        if not _touches_outside(mask, connectivity, settled):
+        grown = _grown_by_outside(mask, connectivity, steps, seeds, settled)
+        if grown is None:
             break  # proved: the box of the seeds' component
-        if settled == box:
-            return _full_resolution(mask, connectivity)  # something touches the box that settling cannot reach
-        box = settled
+        if grown == settled:
+            return _full_resolution(mask, connectivity)  # something touches the box that neither step can settle
+        box = grown
     else:
         return _full_resolution(mask, connectivity)
     box = settled
@@ -234,39 +238,159 @@ def _farthest_seeded(mask: np.ndarray, connectivity: int, seeds: np.ndarray, ste
 # ----------------------------------------------------------------------------------------------
 
 
-def _touches_outside(mask: np.ndarray, connectivity: int, box) -> bool:
-    """Whether a mask voxel inside the box is a `connectivity`-neighbour of a mask voxel outside it."""
+def _any_blocks(mask: np.ndarray, steps: tuple[int, int, int]) -> np.ndarray:
+    """Whether each block of steps voxels holds a mask voxel: bool (ceil(Z / sz), ceil(Y / sy), ceil(X / sx))."""
+    sz, sy, sx = steps
+    whole = mask.shape[2] // sx * sx
+    if sx == 4 and mask.strides[2] == 1:  # four bools as one uint32: any set <=> nonzero
+        rows = mask[..., :whole].view(np.uint32) != 0
+    else:
+        rows = np.logical_or.reduceat(mask[..., :whole], np.arange(0, whole, sx), axis=2)
+    if whole < mask.shape[2]:
+        rows = np.concatenate([rows, mask[..., whole:].any(axis=2, keepdims=True)], axis=2)
+    for axis, step in ((1, sy), (0, sz)):
+        index = [slice(None)] * 3
+        index[axis] = slice(0, None, step)
+        merged = rows[tuple(index)].copy()
+        for k in range(1, step):
+            index[axis] = slice(k, None, step)
+            part = rows[tuple(index)]
+            target = [slice(None)] * 3
+            target[axis] = slice(0, part.shape[axis])
+            merged[tuple(target)] |= part
+        rows = merged
+    return rows
+
+
+def _grown_by_outside(mask: np.ndarray, connectivity: int, steps: tuple[int, int, int], seeds: np.ndarray,
+                      box) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """None when no mask voxel just outside the box that touches one inside may belong to the seeds' component
+    (the proof); else the box grown to what the seeds' component holds beyond the face where it leaves.
+
+    A voxel of the seeds' component lies in a block of the seeds' component of the block grid where a
+    block counts when it holds any mask voxel (full-resolution paths step only between neighbouring
+    blocks). Touching voxels outside it belong to other components (a table reaching into the box,
+    specks) and cannot make the box wrong; the others are judged at full resolution (`_slab_verdict`).
+    """
+    blocks = None
     start, stop = box
     for axis in range(3):
         for inside, outside in ((start[axis], start[axis] - 1), (stop[axis] - 1, stop[axis])):
             if outside < 0 or outside >= mask.shape[axis]:
                 continue
-            if _planes_touch(mask, connectivity, box, axis, inside, outside):
-                return True
-    return False
+            where = _touching_outside_voxels(mask, connectivity, box, axis, inside, outside)
+            if where is None:
+                continue
+            if blocks is None:
+                blocks = cc3d.connected_components(_any_blocks(mask, steps), connectivity=connectivity,
+                                                   binary_image=True)
+                seed_at = tuple(int(w[0]) for w in np.nonzero(seeds[tuple(slice(0, n) for n in blocks.shape)]))
+                seed_label = blocks[seed_at]
+            suspect = blocks[tuple(w // s for w, s in zip(where, steps))] == seed_label
+            if not suspect.any():
+                continue
+            verdict, extent = _slab_verdict(mask, connectivity, steps, seeds, axis, inside < outside, inside,
+                                            tuple(w[suspect] for w in where))
+            if verdict == "unknown":
+                return box
+            if verdict == "grow":
+                return (tuple(min(a, b) for a, b in zip(start, extent[0])),
+                        tuple(max(a, b) for a, b in zip(stop, extent[1])))
+    return None
 
 
-def _planes_touch(mask: np.ndarray, connectivity: int, box, axis: int, inside: int, outside: int) -> bool:
-    """Whether the box's face plane `inside` and the plane `outside` it hold neighbouring mask voxels."""
+def _slab_verdict(mask: np.ndarray, connectivity: int, steps: tuple[int, int, int], seeds: np.ndarray,
+                  axis: int, high: bool, inside: int, where: tuple[np.ndarray, ...]):
+    """('clear', None) when the touching outside voxels `where` all belong to whole components without a
+    seed; ('grow', (start, stop)) with the box of the slab's seeded components when one of them is the
+    seeds'; ('unknown', None) when the whole volume could not tell.
+
+    The slab beyond the face (the whole volume across the other axes, reaching `depth` voxels inside
+    the face) is labelled. A component that holds no seed sample and does not reach the slab's inner
+    plane is a whole full-resolution component, so it is not the seeds'. The slab deepens while one
+    reaches its inner plane.
+    """
+    n = mask.shape[axis]
+    depth = 4 * steps[axis]
+    while True:
+        lo, hi = (max(0, inside - depth), n) if high else (0, min(n, inside + depth + 1))
+        region = [slice(None)] * 3
+        region[axis] = slice(lo, hi)
+        labels = cc3d.connected_components(np.ascontiguousarray(mask[tuple(region)]), connectivity=connectivity,
+                                           binary_image=True)
+        local = list(where)
+        local[axis] = where[axis] - lo
+        touching = np.unique(labels[tuple(local)])
+        seeded = _seeded_labels(labels, seeds, steps, lo, axis)
+        if np.isin(touching, seeded).any():  # the seeds' component leaves the box: how far, in this slab
+            box = mask_box(np.isin(labels, seeded))
+            return "grow", (tuple(a + (lo if k == axis else 0) for k, a in enumerate(box[0])),
+                            tuple(b + (lo if k == axis else 0) for k, b in enumerate(box[1])))
+        index = [slice(None)] * 3
+        index[axis] = (lo if high else hi - 1) - lo
+        at_edge = (lo == 0) if high else (hi == n)
+        if at_edge or not np.isin(touching, labels[tuple(index)]).any():
+            return "clear", None
+        if depth >= n:
+            return "unknown", None
+        depth *= 2
+
+
+def _seeded_labels(labels: np.ndarray, seeds: np.ndarray, steps: tuple[int, int, int], lo: int,
+                   axis: int) -> np.ndarray:
+    """The labels of a slab (starting at `lo` along `axis`, whole across the others) that hold a seed sample."""
+    first = -(-lo // steps[axis])
+    offset = first * steps[axis] - lo
+    index = [slice(None)] * 3
+    index[axis] = slice(first, None)
+    local = seeds[tuple(index)]
+    sampled = labels[tuple(slice(offset if k == axis else 0, None, s) for k, s in enumerate(steps))]
+    local = local[tuple(slice(0, m) for m in sampled.shape)]
+    sampled = sampled[tuple(slice(0, m) for m in local.shape)]
+    found = np.unique(sampled[local])
+    return found[found != 0]
+
+
+def mask_box(mask: np.ndarray) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(start, stop) of the True voxels of a non-empty 3D mask."""
+    start, stop = [], []
+    for axis in range(3):
+        present = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+        start.append(int(present[0]))
+        stop.append(int(present[-1]) + 1)
+    return tuple(start), tuple(stop)
+
+
+def _touching_outside_voxels(mask: np.ndarray, connectivity: int, box, axis: int, inside: int,
+                             outside: int) -> tuple[np.ndarray, ...] | None:
+    """(z, y, x) of the mask voxels on plane `outside` that neighbour a mask voxel of the box's face plane
+    `inside`, or None when there are none."""
     start, stop = box
-    rect = [slice(a, b) for a, b in zip(start, stop)]
-    rect[axis] = inside
-    inner = mask[tuple(rect)]
-    if connectivity == 6:
-        rect[axis] = outside
-        return bool(np.logical_and(inner, mask[tuple(rect)]).any())
-    # 18/26: an outside voxel may sit one step diagonally; compare with the inside plane grown by one voxel
     grown = [slice(max(0, a - 1), min(n, b + 1)) for a, b, n in zip(start, stop, mask.shape)]
-    grown[axis] = outside
-    outer = mask[tuple(grown)]
-    offset = [a - g.start for a, g, k in zip(start, grown, range(3)) if k != axis]
-    padded = np.zeros((outer.shape[0] + 2, outer.shape[1] + 2), dtype=bool)
-    padded[1 + offset[0]:1 + offset[0] + inner.shape[0], 1 + offset[1]:1 + offset[1] + inner.shape[1]] = inner
-    near = np.zeros(outer.shape, dtype=bool)
-    for dr in range(3):
-        for dc in range(3):
-            near |= padded[dr:dr + outer.shape[0], dc:dc + outer.shape[1]]
-    return bool(np.logical_and(near, outer).any())
+    if connectivity == 6:
+        grown = [slice(a, b) for a, b in zip(start, stop)]
+    rect = [slice(a, b) for a, b in zip(start, stop)]
+    rect[axis], grown[axis] = inside, outside
+    inner, outer = mask[tuple(rect)], mask[tuple(grown)]
+    if connectivity == 6:
+        near = inner
+    else:  # 18/26: an outside voxel may sit one step diagonally: the inside plane grown by one voxel
+        offset = [a - g.start for a, g, k in zip(start, grown, range(3)) if k != axis]
+        padded = np.zeros((outer.shape[0] + 2, outer.shape[1] + 2), dtype=bool)
+        padded[1 + offset[0]:1 + offset[0] + inner.shape[0], 1 + offset[1]:1 + offset[1] + inner.shape[1]] = inner
+        near = np.zeros(outer.shape, dtype=bool)
+        for dr in range(3):
+            for dc in range(3):
+                near |= padded[dr:dr + outer.shape[0], dc:dc + outer.shape[1]]
+    rows, cols = np.nonzero(near & outer)
+    if rows.size == 0:
+        return None
+    others = [k for k in range(3) if k != axis]
+    where = [None, None, None]
+    where[axis] = np.full(rows.size, outside)
+    where[others[0]] = rows + grown[others[0]].start
+    where[others[1]] = cols + grown[others[1]].start
+    return tuple(where)
 
 
 __all__ = ["STEPS", "CoarseResult", "largest_component_box"]
