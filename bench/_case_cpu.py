@@ -85,7 +85,7 @@ def preprocess_rows(path: Path, repeats: int) -> dict:
     _pairs(rows, "read_crop_resample_normalise",
            lambda: prepare_volume(from_sitk(read_sitk(path)), paper),
            lambda: prepare_volume(read_volume(path), body), repeats)
-    rows["boxes"] = {"paper": choose_crop(hu, None, paper).box.to_list(), "body": choose_crop(hu, None, body).box.to_list()}
+    rows["boxes"] = {name: choose_crop(hu, None, cfg).box.to_list() for name, cfg in (("paper", paper), ("body", body))}
     return rows
 
 

@@ -211,8 +211,8 @@ def _settle_face(mask: np.ndarray, connectivity: int, seeds: np.ndarray, steps: 
         reach *= 2
 
 
-def _farthest_seeded(mask: np.ndarray, connectivity: int, seeds: np.ndarray, steps: tuple[int, int, int], region: list[slice],
-                     axis: int, low: bool) -> int | None:
+def _farthest_seeded(mask: np.ndarray, connectivity: int, seeds: np.ndarray, steps: tuple[int, int, int],
+                     region: list[slice], axis: int, low: bool) -> int | None:
     """Within `region`, the lowest start (low) or highest stop of components holding a seed sample."""
     band = np.ascontiguousarray(mask[tuple(region)])
     labels = cc3d.connected_components(band, connectivity=connectivity, binary_image=True)
@@ -323,7 +323,7 @@ def _slab_verdict(mask: np.ndarray, connectivity: int, steps: tuple[int, int, in
         touching = np.unique(labels[tuple(local)])
         seeded = _seeded_labels(labels, seeds, steps, lo, axis)
         if np.isin(touching, seeded).any():  # the seeds' component leaves the box: how far, in this slab
-            box = mask_box(np.isin(labels, seeded))
+            box = _mask_box(np.isin(labels, seeded))
             return "grow", (tuple(a + (lo if k == axis else 0) for k, a in enumerate(box[0])),
                             tuple(b + (lo if k == axis else 0) for k, b in enumerate(box[1])))
         index = [slice(None)] * 3
@@ -351,7 +351,7 @@ def _seeded_labels(labels: np.ndarray, seeds: np.ndarray, steps: tuple[int, int,
     return found[found != 0]
 
 
-def mask_box(mask: np.ndarray) -> tuple[tuple[int, ...], tuple[int, ...]]:
+def _mask_box(mask: np.ndarray) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(start, stop) of the True voxels of a non-empty 3D mask."""
     start, stop = [], []
     for axis in range(3):
