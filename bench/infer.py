@@ -3,6 +3,12 @@
     python bench/infer.py --out bench/results/infer.json            # the default run, ~6-8 min on 2 cores
     python bench/infer.py --z-slices 61 --skip-monai-uncropped       # shorter
     python bench/infer.py --only panseg_sw monai_sw panseg_sw_compiled --out bench/results/infer_compiled.json
+    python bench/infer.py --cpu-side --out bench/results/case_cpu_infer.json   # ~1 min: the CPU side of a case
+
+--cpu-side measures only the CPU side of predicting one case, today's code against issue 18's in the
+same run (bench/_case_cpu.py): read -> crop -> resample -> clip (SimpleITK read and the paper's crop vs
+the ISA-L read and crop_method body), and paste back -> write, on a realistic phantom case and on it
+tiled to 300 x 512 x 512.
 
 The network is the paper's (preset 'paper': 30.8M parameters, window 96x128x160, step 7/8, Gaussian
 sigma 1/8, 2 windows per forward pass), random weights fixed by seed 0, fp32 on CPU.
@@ -290,6 +296,25 @@ def summarize(results: dict, workdir: Path) -> dict:
     }
 
 
+def cpu_side(args: argparse.Namespace) -> None:
+    """The --cpu-side rows, written to --out and printed as a table."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import _case_cpu
+
+    _case_cpu.one_thread()
+    results = {"date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()}-core {platform.machine()} VM",
+               "command": " ".join(["python", "bench/infer.py", *sys.argv[1:]]), "load_before": os.getloadavg(),
+               "cases": {}}
+    with tempfile.TemporaryDirectory(prefix="panseg-bench-infer-") as tmp:
+        for name, path in _case_cpu.write_inputs(Path(tmp)).items():
+            results["cases"][name] = _case_cpu.infer_rows(path, Path(tmp), args.repeats)
+    results["load_after"] = os.getloadavg()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+    print(_case_cpu.markdown(results["cases"]))
+    print(f"load average before {results['load_before']}, after {results['load_after']}; written to {args.out}")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("bench/results/infer.json"))
@@ -298,7 +323,12 @@ def main(argv=None) -> None:
     parser.add_argument("--only", nargs="+", choices=WORKERS, default=None, help="run these measurements only")
     parser.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--cpu-side", action="store_true", help="only the CPU side of one case (bench/_case_cpu.py)")
+    parser.add_argument("--repeats", type=int, default=5, help="--cpu-side: runs per row (minimum reported)")
     args = parser.parse_args(argv)
+    if args.cpu_side:
+        cpu_side(args)
+        return
     if args.worker:
         print(json.dumps(run_worker(args.worker, args.workdir)))
         return

@@ -4,6 +4,12 @@
     python bench/preprocess.py --runs 1 --no-sitk-bspline --shape 150 256 256 --cohort 4 --skip-nnunet
     python bench/preprocess.py --kinds --skip-nnunet --cohort 40 --ray-repeats 5 --max-load 0.3 \
         --out bench/results/preprocess_ray.json   # Ray throughput only, 1 vs 2 CPUs, quiet machine
+    python bench/preprocess.py --cpu-side --out bench/results/case_cpu_preprocess.json  # ~2 min: the rows below
+
+--cpu-side measures only the CPU side of one case, today's code against issue 18's in the same run
+(bench/_case_cpu.py): the read (SimpleITK vs ISA-L), the crop decision (the paper's crop vs
+crop_method body; today's full-resolution body labelling vs the coarse body box) and read -> crop ->
+resample -> normalise, on a realistic phantom case and on it tiled to 300 x 512 x 512.
 
 Writes bench/results/preprocess.json (--out) and prints markdown tables. Four measurements:
 
@@ -385,6 +391,24 @@ def _versions() -> dict:
     return out
 
 
+def cpu_side(args: argparse.Namespace, argv: list[str] | None) -> None:
+    """The --cpu-side rows, written to --out and printed as a table."""
+    import _case_cpu
+
+    _case_cpu.one_thread()
+    results = {"date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()}-core {platform.machine()} VM",
+               "command": " ".join(["python", "bench/preprocess.py", *(sys.argv[1:] if argv is None else argv)]),
+               "load_before": os.getloadavg(), "cases": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, path in _case_cpu.write_inputs(Path(tmp)).items():
+            results["cases"][name] = _case_cpu.preprocess_rows(path, args.repeats)
+    results["load_after"] = os.getloadavg()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1) + "\n")
+    print(_case_cpu.markdown(results["cases"]))
+    print(f"load average before {results['load_before']}, after {results['load_after']}; written to {args.out}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", type=int, nargs=3, default=(300, 512, 512))
@@ -404,7 +428,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-load", type=float, default=1.2, help="wait for a 1-min load average below this")
     parser.add_argument("--max-wait", type=float, default=600.0, help="longest wait for it per phase, seconds")
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "results" / "preprocess.json")
+    parser.add_argument("--cpu-side", action="store_true", help="only the CPU side of one case (bench/_case_cpu.py)")
+    parser.add_argument("--repeats", type=int, default=5, help="--cpu-side: runs per row (minimum reported)")
     args = parser.parse_args(argv)
+    if args.cpu_side:
+        cpu_side(args, argv)
+        return
     if not args.skip_nnunet and (why := nnunet.available()):
         parser.error(f"{why}; or pass --skip-nnunet")
     results = {"date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()}-core {platform.machine()} VM, "

@@ -72,13 +72,14 @@ class PreprocessConfig:
     task: Task = "tumor"  # tumor: fuse organ pseudo-labels 1-13 with tumor 14; organs: labels are 1-13
     target_spacing_zyx_mm: tuple[float, float, float] = (1.6, 1.2859, 1.2859)  # paper, section 2.1
     clip_hu: tuple[float, float] = (-160.0, 240.0)  # paper; scaled to [0, 1] on read
-    crop_method: Literal["largest_component", "threshold_bbox", "none"] = "largest_component"
+    crop_method: Literal["largest_component", "body", "threshold_bbox", "none"] = "largest_component"  # paper
     crop_threshold_hu: float = 50.0  # paper: raw HU > 50
     crop_connectivity: Literal[6, 18, 26] = 6  # released code: 6-connectivity
     crop_margin_vox: int = 0  # released code: no margin
     crop_grow_to_labels: bool = True  # training crops never cut a labelled voxel (DESIGN.md)
     body_threshold_hu: float = -500.0  # body = largest component above this (excludes air and table)
     min_body_fraction: float = 0.5  # crop box must hold this much of the body, else use the body box
+    body_lost_warn_fraction: float = 0.05  # warn, naming the case, when a crop leaves out more of the body
     image_interpolation: Literal["bspline", "linear"] = "bspline"  # paper: cubic
     label_interpolation: Literal["nearest", "label_gaussian"] = "nearest"
     max_locations_per_class: int = 10_000  # sampled voxel coordinates stored per present class
@@ -93,6 +94,9 @@ class PreprocessConfig:
             raise ConfigError(f"preprocess.crop_margin_vox must be >= 0, but it is {self.crop_margin_vox}")
         if not 0.0 <= self.min_body_fraction <= 1.0:
             raise ConfigError(f"preprocess.min_body_fraction must be in [0, 1], but it is {self.min_body_fraction}")
+        if not 0.0 <= self.body_lost_warn_fraction <= 1.0:
+            raise ConfigError("preprocess.body_lost_warn_fraction must be in [0, 1], but it is "
+                              f"{self.body_lost_warn_fraction}")
         if self.max_locations_per_class < 1:
             raise ConfigError("preprocess.max_locations_per_class must be >= 1")
         _check_positive("preprocess.chunk_zyx", self.chunk_zyx)

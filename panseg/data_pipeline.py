@@ -58,6 +58,7 @@ class PreprocessResult:
     rows: tuple[dict, ...]
     skipped: int  # complete in the store before this run
     seconds: float
+    body_lost_warn_fraction: float = 0.05  # the config's: cases whose crop leaves out more are named
 
     @property
     def num_ok(self) -> int:
@@ -185,7 +186,8 @@ def run_preprocessing(
         rows += _run_ray(todo, store_path, cfg, address, num_cpus, progress)
     rows.sort(key=lambda r: r["case_id"])
     write_manifest(store_path, rows)
-    return PreprocessResult(store_path, tuple(rows), skipped=len(complete), seconds=time.perf_counter() - start)
+    return PreprocessResult(store_path, tuple(rows), skipped=len(complete), seconds=time.perf_counter() - start,
+                            body_lost_warn_fraction=cfg.body_lost_warn_fraction)
 
 
 def _rows_of_complete(store_path: str, cases: list[CaseFiles]) -> list[dict]:
@@ -241,6 +243,12 @@ def format_summary(result: PreprocessResult) -> str:
         lines.append(f"crop fell back to the body box in {len(fallbacks)} case(s), as expected for non-contrast "
                      f"scans (their organs barely pass the crop threshold, so the body is kept whole): "
                      + ", ".join(r["case_id"] for r in fallbacks[:10]) + (", ..." if len(fallbacks) > 10 else ""))
+    lossy = [r for r in result.rows if (r.get("crop_body_lost_fraction") or 0.0) > result.body_lost_warn_fraction]
+    if lossy:
+        lines.append(f"warning: the crop leaves out more than {100 * result.body_lost_warn_fraction:g}% of the body in "
+                     f"{len(lossy)} case(s) (preprocess.crop_method 'body' keeps it whole): "
+                     + ", ".join(f"{r['case_id']} ({100 * r['crop_body_lost_fraction']:.1f}%)" for r in lossy[:10])
+                     + (", ..." if len(lossy) > 10 else ""))
     failed = [r for r in result.rows if r["status"] == "failed"]
     if failed:
         lines.append("failed cases:")

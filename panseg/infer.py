@@ -40,16 +40,18 @@ from panseg.inference.predictor import PreparedCase, load_predictor, prediction_
 from panseg.inference.resource_monitor import CaseUsage, peak_rss_mb, reset_peak_rss
 from panseg.io import (CaseFiles, ImageReadError, Volume, discover_cohort, read_geometry, read_notes, read_volume,
                        write_volume)
-from panseg.preprocessing.case import CaseError
+from panseg.preprocessing.case import CaseError, warn_body_loss
 from panseg.ray_shell import Progress, collect_rows, ray_session
 from panseg.training.checkpoint import load_checkpoint, resolve_checkpoint_file
 
 OUTPUT_SUFFIX = ".nii.gz"
 CSV_NAME = "predictions.csv"
 CSV_COLUMNS = (
-    "case_id", "status", "error", "output", "seconds", "prepare_s", "predict_s", "read_s", "crop_s", "resample_s",
+    "case_id", "status", "error", "output", "seconds", "prepare_s", "predict_s", "wait_s", "read_s", "crop_s",
+    "resample_s",
     "clip_s", "network_s", "restore_s", "write_s", "peak_rss_mb", "gpu_peak_mb", "gpu_area_mb_s",
-    "gpu_memory_source", "crop_reason", "crop_box_zyx", "original_shape_zyx", "resampled_shape_zyx", "model_id",
+    "gpu_memory_source", "crop_reason", "crop_box_zyx", "crop_body_lost_fraction", "original_shape_zyx",
+    "resampled_shape_zyx", "model_id",
 )
 _HASH_CHUNK = 2**20
 _NOTES_PREFIX = "panseg model "
@@ -128,6 +130,7 @@ def prepare_row(row: dict, preprocess_json: str, threads: int = 1) -> dict:
         volume = read_volume(row["image"], threads=threads)
         read_s = time.perf_counter() - start
         prepared = prepare_volume(volume, cfg, threads)
+        warn_body_loss(row["case_id"], prepared.body_lost_fraction, cfg.body_lost_warn_fraction)
         del volume
         meta = prepared.metadata()
         meta["seconds"] = {"read": read_s, **meta["seconds"]}
@@ -155,9 +158,16 @@ class PredictorActor:
         self.predictor = load_predictor(model_path, infer=infer, threads=threads)
         self.summarize = summarize
         self.model_id = model_id  # into each mask's header and row (see `reusable`)
+        self._idle_since = time.perf_counter()  # the model is loaded: from now on the actor waits for input
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rows = [self._predict_one({key: batch[key][i] for key in batch}) for i in range(len(batch["case_id"]))]
+        rows = []
+        for i in range(len(batch["case_id"])):
+            wait_s = time.perf_counter() - self._idle_since  # idle since its last case (or since loading)
+            row = self._predict_one({key: batch[key][i] for key in batch})
+            row["wait_s"] = round(wait_s, 3)
+            rows.append(row)
+            self._idle_since = time.perf_counter()
         return {"row_json": np.array([json.dumps(r) for r in rows], dtype=object)}
 
     def _predict_one(self, item: dict) -> dict:

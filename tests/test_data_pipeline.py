@@ -204,3 +204,14 @@ def test_killed_job_resumes_and_every_case_reads_back_whole(small_cohort, tmp_pa
         assert image.min() >= TINY.clip_hu[0] and image.max() <= TINY.clip_hu[1]
     assert not any((store / ".staging").glob("*")) if (store / ".staging").exists() else True
     assert json.loads(json.dumps(rows[0]["crop_box"])) == rows[0]["crop_box"]
+
+
+def test_summary_names_the_cases_whose_crop_cuts_the_body():
+    from panseg.data_pipeline import PreprocessResult
+
+    rows = ({"case_id": "a", "status": "ok", "crop_body_lost_fraction": 0.23},
+            {"case_id": "b", "status": "ok", "crop_body_lost_fraction": 0.04},
+            {"case_id": "c", "status": "ok", "crop_body_lost_fraction": None})
+    text = format_summary(PreprocessResult("s.zarr", rows, skipped=0, seconds=1.0, body_lost_warn_fraction=0.05))
+    assert "more than 5% of the body in 1 case(s)" in text and "a (23.0%)" in text and "b (" not in text
+    assert "of the body" not in format_summary(PreprocessResult("s.zarr", rows, 0, 1.0, body_lost_warn_fraction=0.3))

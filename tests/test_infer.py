@@ -171,3 +171,26 @@ def test_predict_cli_records_the_model_and_redoes_another_models_masks(tmp_path,
 
     assert main(argv + ["--set", f"infer.mirror_tta={str(not mirrored).lower()}"]) == 0
     assert read_csv_rows(outputs / CSV_NAME)["good1"]["status"] == "skipped"
+
+
+def test_predictor_actor_rows_show_the_time_it_waited_for_input(tmp_path, tiny_checkpoint):
+    import json
+    import time
+
+    from panseg.infer import PredictorActor, prepare_row
+    from panseg.config import to_dict
+    from panseg.training.checkpoint import load_checkpoint as load
+
+    image = write_volume(make_case(seed=1, shape=(24, 48, 56))[0], tmp_path / "case1_0000.nii.gz")
+    preprocess = json.dumps(to_dict(load(tiny_checkpoint).cfg.preprocess))
+    prepared = prepare_row({"case_id": "case1", "image": str(image), "output": str(tmp_path / "case1.nii.gz")},
+                           preprocess)
+    batch = {key: np.array([value], dtype=object) for key, value in prepared.items()}
+    batch["image"] = [prepared["image"]]
+    actor = PredictorActor(str(tiny_checkpoint))
+    first = json.loads(actor(batch)["row_json"][0])
+    time.sleep(0.5)  # the next case arrives half a second after the first is written
+    second = json.loads(actor(batch)["row_json"][0])
+    assert first["status"] == second["status"] == "ok"
+    assert 0.5 <= second["wait_s"] < 0.8  # the sleep, not the prediction (its own predict_s)
+    assert first["wait_s"] >= 0.0

@@ -32,8 +32,9 @@ from panseg.config import TUMOR_ID, InferConfig, PansegConfig, PreprocessConfig
 from panseg.inference.resource_monitor import CaseUsage
 from panseg.inference.sliding_window import sliding_window_logits
 from panseg.io import Geometry, ImageReadError, Volume, read_volume, strip_image_suffix, write_volume
-from panseg.preprocessing.case import CaseError, clip_hu, crop_volume, resample_to_geometry, resample_volume
-from panseg.preprocessing.crop import Box, choose_crop
+from panseg.preprocessing.case import (CaseError, clip_hu, crop_volume, resample_to_geometry, resample_volume,
+                                       warn_body_loss)
+from panseg.preprocessing.crop import Box, CropDecision, choose_crop
 from panseg.training.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint_file
 from panseg.training.parts import make_model, num_classes_of
 
@@ -58,6 +59,7 @@ class PreparedCase:
         cropped: the grid of the crop (a sub-grid of `original`).
         resampled: the grid of `image_hu`.
         seconds: time per phase ('crop', 'resample', 'clip').
+        body_lost_fraction: share of the body's voxels outside `box` (`CropDecision.body_lost_fraction`).
     """
 
     image_hu: np.ndarray
@@ -67,19 +69,21 @@ class PreparedCase:
     cropped: Geometry
     resampled: Geometry
     seconds: dict[str, float] = field(default_factory=dict)
+    body_lost_fraction: float | None = None
 
     def metadata(self) -> dict:
         """Everything but the image, as plain JSON-safe values (for Ray and the CSV)."""
         return {"box": self.box.to_list(), "crop_reason": self.crop_reason,
                 "original": _geometry_to_dict(self.original), "cropped": _geometry_to_dict(self.cropped),
-                "resampled": _geometry_to_dict(self.resampled), "seconds": dict(self.seconds)}
+                "resampled": _geometry_to_dict(self.resampled), "seconds": dict(self.seconds),
+                "body_lost_fraction": self.body_lost_fraction}
 
     @classmethod
     def from_metadata(cls, image_hu: np.ndarray, meta: dict) -> PreparedCase:
         """The inverse of `metadata`, around the image."""
         return cls(image_hu, Box.from_list(meta["box"]), meta["crop_reason"], _geometry_from_dict(meta["original"]),
                    _geometry_from_dict(meta["cropped"]), _geometry_from_dict(meta["resampled"]),
-                   dict(meta["seconds"]))
+                   dict(meta["seconds"]), meta.get("body_lost_fraction"))
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,7 @@ class Prediction:
         crop_reason: see `PreparedCase.crop_reason`.
         resampled_shape_zyx: the network's grid.
         seconds: time per phase ('crop', 'resample', 'clip', 'network', 'restore').
+        body_lost_fraction: see `PreparedCase.body_lost_fraction`.
     """
 
     volume: Volume
@@ -99,6 +104,7 @@ class Prediction:
     crop_reason: str
     resampled_shape_zyx: tuple[int, int, int]
     seconds: dict[str, float]
+    body_lost_fraction: float | None = None
 
 
 def _geometry_to_dict(g: Geometry) -> dict:
@@ -116,16 +122,15 @@ def _geometry_from_dict(d: dict) -> Geometry:
 # ----------------------------------------------------------------------------------------------
 
 
-def inference_crop(hu: np.ndarray, cfg: PreprocessConfig) -> tuple[Box, str]:
-    """The crop box of a CT at inference and the rule that chose it (never grown to labels).
+def inference_crop(hu: np.ndarray, cfg: PreprocessConfig) -> CropDecision:
+    """The crop of a CT at inference (never grown to labels).
 
-    A CT with no voxel above the crop threshold is predicted whole ('no_component') rather than refused.
+    A CT with no voxel above the crop threshold is predicted whole (reason 'no_component') rather than refused.
     """
     try:
-        decision = choose_crop(hu, None, cfg)
+        return choose_crop(hu, None, cfg)
     except ValueError:
-        return Box.full(hu.shape), "no_component"
-    return decision.box, decision.reason
+        return CropDecision(Box.full(hu.shape), "no_component", body_lost_fraction=0.0)
 
 
 def prepare_volume(volume: Volume, cfg: PreprocessConfig, threads: int = 1) -> PreparedCase:
@@ -139,15 +144,16 @@ def prepare_volume(volume: Volume, cfg: PreprocessConfig, threads: int = 1) -> P
     if np.issubdtype(volume.array.dtype, np.floating) and not np.isfinite(volume.array).all():
         raise ValueError("the CT holds NaN or infinite voxels; a CT must be finite HU everywhere")
     t0 = time.perf_counter()
-    box, reason = inference_crop(volume.array, cfg)
+    decision = inference_crop(volume.array, cfg)
+    box = decision.box
     cropped = crop_volume(volume, box)
     t1 = time.perf_counter()
     resampled = resample_volume(cropped, cfg.target_spacing_zyx_mm, cfg.image_interpolation, threads)
     t2 = time.perf_counter()
     image_hu = clip_hu(resampled.array, *cfg.clip_hu)
     t3 = time.perf_counter()
-    return PreparedCase(image_hu, box, reason, volume.geometry, cropped.geometry, resampled.geometry,
-                        {"crop": t1 - t0, "resample": t2 - t1, "clip": t3 - t2})
+    return PreparedCase(image_hu, box, decision.reason, volume.geometry, cropped.geometry, resampled.geometry,
+                        {"crop": t1 - t0, "resample": t2 - t1, "clip": t3 - t2}, decision.body_lost_fraction)
 
 
 def predict_array(image_hu: np.ndarray, logits_fn: LogitsFn, clip_hu_range: tuple[float, float],
@@ -310,7 +316,8 @@ class Predictor:
         volume = restore_labels(labels, prepared, self.threads)
         t2 = time.perf_counter()
         seconds = {**prepared.seconds, "network": t1 - t0, "restore": t2 - t1}
-        return Prediction(volume, prepared.box, prepared.crop_reason, tuple(prepared.resampled.shape_zyx), seconds)
+        return Prediction(volume, prepared.box, prepared.crop_reason, tuple(prepared.resampled.shape_zyx), seconds,
+                          prepared.body_lost_fraction)
 
     def predict_volume(self, volume: Volume) -> Prediction:
         """A CT in, its mask in the CT's grid out (see the module docstring)."""
@@ -383,6 +390,7 @@ def predict_case(predictor: Predictor, image_path: str | Path, output_path: str 
             volume = read_volume(image_path, threads=predictor.threads)
             t1 = time.perf_counter()
             prediction = predictor.predict_volume(volume)
+            warn_body_loss(case_id, prediction.body_lost_fraction, predictor.cfg.preprocess.body_lost_warn_fraction)
         except (ImageReadError, ValueError) as err:
             raise CaseError(case_id, str(err)) from None
         t2 = time.perf_counter()
@@ -397,7 +405,9 @@ def prediction_row(case_id: str, output: str, prediction: Prediction, seconds: d
     """The per-case row of predictions.csv."""
     row = {"case_id": case_id, "status": "ok", "error": None, "output": output, **usage}
     row.update({f"{phase}_s": round(value, 3) for phase, value in seconds.items()})
+    lost = prediction.body_lost_fraction
     row.update({"crop_box_zyx": prediction.box.to_list(), "crop_reason": prediction.crop_reason,
+                "crop_body_lost_fraction": None if lost is None else round(lost, 4),
                 "original_shape_zyx": list(prediction.volume.array.shape),
                 "resampled_shape_zyx": list(prediction.resampled_shape_zyx)})
     return row

@@ -11,6 +11,7 @@ Every problem with a case raises `CaseError`, which names the case, so a pipelin
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,17 +20,18 @@ import numpy as np
 from panseg import __version__
 from panseg.config import ORGAN_IDS, TUMOR_ID, PreprocessConfig
 from panseg.io import CaseFiles, Geometry, ImageReadError, Volume, read_volume, validate_case_id
-from panseg.preprocessing.crop import (Box, CropDecision, above_threshold, choose_crop, grow_to_labels,
-                                       largest_component_bbox, mask_bbox, threshold_bbox)
+from panseg.preprocessing.crop import (Box, CropDecision, above_threshold, body_bbox, body_loss_warning, choose_crop,
+                                       grow_to_labels, largest_component_bbox, mask_bbox, threshold_bbox)
 from panseg.preprocessing.resample import resample_to_geometry, resample_volume, resampled_geometry
 
 _SLAB = 16  # z-slices per chunk of element-wise work: bounds temporaries to a few MB
 
 __all__ = [
-    "Box", "CaseError", "CropDecision", "PreprocessedCase", "above_threshold", "choose_crop", "class_locations",
+    "BodyLossWarning", "Box", "CaseError", "CropDecision", "PreprocessedCase", "above_threshold", "body_bbox",
+    "body_loss_warning", "choose_crop", "class_locations",
     "clip_hu", "crop_volume", "fuse_labels", "geometry_from_attrs", "grow_to_labels", "largest_component_bbox",
     "mask_bbox", "preprocess_case", "resample_to_geometry", "resample_volume", "resampled_geometry", "scale_to_unit",
-    "threshold_bbox",
+    "threshold_bbox", "warn_body_loss",
 ]
 
 
@@ -220,6 +222,7 @@ def preprocess_case(case: CaseFiles, cfg: PreprocessConfig, threads: int = 1) ->
     image = _read_image(case, threads)
     try:
         decision = choose_crop(image.array, None, cfg)  # labels are read after: a lower peak memory
+        warn_body_loss(case.case_id, decision.body_lost_fraction, cfg.body_lost_warn_fraction)
         labels = _read_labels(case, cfg.task, image.geometry, threads)
         decision = grow_to_labels(decision, labels, cfg)
     except CaseError:
@@ -232,6 +235,17 @@ def preprocess_case(case: CaseFiles, cfg: PreprocessConfig, threads: int = 1) ->
     status = "ok" if label is not None else "unlabelled"
     attrs = _case_attrs(case, cfg, status, image.geometry, str(image.array.dtype), decision, grid, class_counts)
     return PreprocessedCase(case.case_id, status, image_hu, label, locations, attrs)
+
+
+class BodyLossWarning(UserWarning):
+    """A crop leaves out more of the body than preprocess.body_lost_warn_fraction (the message names the case)."""
+
+
+def warn_body_loss(case_id: str, lost: float | None, limit: float) -> None:
+    """Warn (BodyLossWarning) when the crop of `case_id` leaves out more than `limit` of the body."""
+    message = body_loss_warning(case_id, lost, limit)
+    if message is not None:
+        warnings.warn(message, BodyLossWarning, stacklevel=2)
 
 
 def _crop_and_resample(image: Volume, labels: np.ndarray | None, box: Box, cfg: PreprocessConfig,
@@ -314,6 +328,7 @@ def _case_attrs(case: CaseFiles, cfg: PreprocessConfig, status: str, original: G
         "crop_box_zyx": box(decision.box), "crop_reason": decision.reason,
         "crop_component_box_zyx": box(decision.component_box), "crop_body_box_zyx": box(decision.body_box),
         "crop_label_box_zyx": box(decision.label_box), "crop_body_fraction": decision.body_fraction,
+        "crop_body_lost_fraction": decision.body_lost_fraction,
         "resampled_shape_zyx": [int(v) for v in resampled.shape_zyx],
         "resampled_spacing_zyx_mm": floats(resampled.spacing_zyx_mm),
         "resampled_origin_xyz_mm": floats(resampled.origin_xyz_mm),

@@ -13,10 +13,11 @@ import cc3d
 import numpy as np
 
 from panseg.config import PreprocessConfig
+from panseg.preprocessing.coarse_box import largest_component_box
 
 _COUNT_SLAB = 32  # z-slices per chunk when counting component sizes
 
-CropReason = Literal["largest_component", "grown_to_labels", "body_fallback", "threshold_bbox", "none"]
+CropReason = Literal["largest_component", "body", "grown_to_labels", "body_fallback", "threshold_bbox", "none"]
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,9 @@ class CropDecision:
         body_box: box of the body (largest component above body_threshold_hu); None when the guard is off.
         body_fraction: share of body voxels inside the method's box (with margin); None when not checked.
         label_box: box of all labelled voxels; None without labels.
+        body_lost_fraction: share of the body's voxels outside the box decided from the image (after the
+            body guard, before growing to labels, which only adds voxels); 0 for 'none' and 'body';
+            None when the image has no body (nothing above body_threshold_hu).
     """
 
     box: Box
@@ -106,6 +110,7 @@ class CropDecision:
     body_box: Box | None = None
     body_fraction: float | None = None
     label_box: Box | None = None
+    body_lost_fraction: float | None = None
 
 
 def above_threshold(hu: np.ndarray, threshold_hu: float) -> np.ndarray:
@@ -179,6 +184,16 @@ def _largest_component(mask: np.ndarray, connectivity: int) -> _Component | None
     return _Component(inner.shifted(outer.start_zyx), component[inner.slices], int(counts[largest]), runner_up)
 
 
+def body_bbox(hu: np.ndarray, threshold_hu: float, connectivity: int) -> Box | None:
+    """The box of the body: the largest `connectivity`-connected component of hu > threshold_hu.
+
+    Decided on a coarse grid and settled at full resolution (`coarse_box`): cc3d's box, for a
+    fraction of a full-resolution labelling. None when no voxel is above the threshold.
+    """
+    result = largest_component_box(above_threshold(hu, threshold_hu), connectivity)
+    return None if result.start_zyx is None else Box(result.start_zyx, result.stop_zyx)
+
+
 def largest_component_bbox(hu: np.ndarray, threshold_hu: float, connectivity: int) -> Box | None:
     """The paper's crop: box of the largest `connectivity`-connected component of hu > threshold_hu.
 
@@ -221,7 +236,8 @@ def choose_crop(hu: np.ndarray, labels: np.ndarray | None, cfg: PreprocessConfig
     The method's box (cfg.crop_method) is widened by cfg.crop_margin_vox; if it holds less than
     cfg.min_body_fraction of the body (largest component above cfg.body_threshold_hu, which excludes
     air and the table), the body box replaces it; with cfg.crop_grow_to_labels the box then grows to
-    hold every labelled voxel (`grow_to_labels`). min_body_fraction = 0 turns the body check off.
+    hold every labelled voxel (`grow_to_labels`). min_body_fraction = 0 turns the body check off (the
+    body is still measured, for `body_lost_fraction`). Method 'body' is the body's own box.
 
     Args:
         hu: 3D CT in HU.
@@ -232,13 +248,14 @@ def choose_crop(hu: np.ndarray, labels: np.ndarray | None, cfg: PreprocessConfig
         The CropDecision.
 
     Raises:
-        ValueError: no voxel is above cfg.crop_threshold_hu.
+        ValueError: no voxel is above cfg.crop_threshold_hu (cfg.body_threshold_hu for method 'body').
     """
     shape = hu.shape
     if cfg.crop_method == "none":
-        return grow_to_labels(CropDecision(Box.full(shape), "none"), labels, cfg)
-    check_body = cfg.min_body_fraction > 0
-    body = _largest_component(above_threshold(hu, cfg.body_threshold_hu), cfg.crop_connectivity) if check_body else None
+        return grow_to_labels(CropDecision(Box.full(shape), "none", body_lost_fraction=0.0), labels, cfg)
+    if cfg.crop_method == "body":
+        return grow_to_labels(_body_decision(hu, cfg), labels, cfg)
+    body = _largest_component(above_threshold(hu, cfg.body_threshold_hu), cfg.crop_connectivity)
     if cfg.crop_method == "threshold_bbox":
         component_box = threshold_bbox(hu, cfg.crop_threshold_hu)
     elif body is not None and cfg.body_threshold_hu < cfg.crop_threshold_hu:
@@ -249,13 +266,33 @@ def choose_crop(hu: np.ndarray, labels: np.ndarray | None, cfg: PreprocessConfig
         raise ValueError(f"no voxel above {cfg.crop_threshold_hu:g} HU (the image's maximum is "
                          f"{hu.max():g}): is this a CT in Hounsfield units?")
     box, reason = component_box.grow(cfg.crop_margin_vox, shape), cfg.crop_method
-    body_fraction = None
-    if body is not None:
-        body_fraction = body.voxels_inside(box) / body.voxels
-        if body_fraction < cfg.min_body_fraction:
-            box, reason = body.box.grow(cfg.crop_margin_vox, shape), "body_fallback"
-    decision = CropDecision(box, reason, component_box, None if body is None else body.box, body_fraction)
+    if body is None:
+        return grow_to_labels(CropDecision(box, reason, component_box), labels, cfg)
+    body_fraction = body.voxels_inside(box) / body.voxels
+    if cfg.min_body_fraction > 0 and body_fraction < cfg.min_body_fraction:
+        box, reason = body.box.grow(cfg.crop_margin_vox, shape), "body_fallback"
+    lost = 1.0 - (body_fraction if reason != "body_fallback" else 1.0)
+    decision = CropDecision(box, reason, component_box, body.box,
+                            body_fraction if cfg.min_body_fraction > 0 else None, body_lost_fraction=lost)
     return grow_to_labels(decision, labels, cfg)
+
+
+def _body_decision(hu: np.ndarray, cfg: PreprocessConfig) -> CropDecision:
+    """Method 'body': the box of the body (largest component above body_threshold_hu), with the margin."""
+    body_box = body_bbox(hu, cfg.body_threshold_hu, cfg.crop_connectivity)
+    if body_box is None:
+        raise ValueError(f"no voxel above the body threshold {cfg.body_threshold_hu:g} HU (the image's maximum "
+                         f"is {hu.max():g}): is this a CT in Hounsfield units?")
+    return CropDecision(body_box.grow(cfg.crop_margin_vox, hu.shape), "body", body_box, body_box, 1.0,
+                        body_lost_fraction=0.0)
+
+
+def body_loss_warning(case_id: str, lost: float | None, limit: float) -> str | None:
+    """The warning for a crop that leaves out more than `limit` of the body, or None when it does not."""
+    if lost is None or lost <= limit:
+        return None
+    return (f"case {case_id}: the crop leaves out {100 * lost:.1f}% of the body's voxels (more than "
+            f"{100 * limit:g}%): a lesion there cannot be found; preprocess.crop_method 'body' keeps the whole body")
 
 
 def grow_to_labels(decision: CropDecision, labels: np.ndarray | None, cfg: PreprocessConfig) -> CropDecision:

@@ -66,6 +66,7 @@ MANIFEST_SCHEMA = pa.schema([
     pa.field("original_spacing", pa.list_(pa.float64())),  # mm, (z, y, x)
     pa.field("crop_box", pa.list_(pa.int64())),  # [z0, y0, x0, z1, y1, x1] in original voxels, half-open
     pa.field("crop_reason", pa.string()),
+    pa.field("crop_body_lost_fraction", pa.float64()),  # share of the body outside the image's crop box
     pa.field("resampled_shape", pa.list_(pa.int64())),
     pa.field("class_counts", pa.string()),  # JSON: {"class id": voxels} on the resampled grid
     pa.field("bytes", pa.int64(), nullable=False),
@@ -425,6 +426,7 @@ def manifest_row(case_id: str, status: str, *, attrs: dict[str, Any] | None = No
         "organs_path": attrs.get("organs_path", getattr(files, "organs", None)),
         "original_shape": attrs.get("original_shape_zyx"), "original_spacing": attrs.get("original_spacing_zyx_mm"),
         "crop_box": attrs.get("crop_box_zyx"), "crop_reason": attrs.get("crop_reason"),
+        "crop_body_lost_fraction": attrs.get("crop_body_lost_fraction"),
         "resampled_shape": attrs.get("resampled_shape_zyx"),
         "class_counts": None if counts is None else json.dumps(counts, sort_keys=True),
         "bytes": int(nbytes), "seconds": float(seconds), "node": node,

@@ -157,6 +157,7 @@ def test_a_ct_without_bright_voxels_is_predicted_whole(tiny_cfg):
     assert prepared.crop_reason == "no_component" and prepared.box.shape_zyx == (12, 20, 24)
     again = PreparedCase.from_metadata(prepared.image_hu, json.loads(json.dumps(prepared.metadata())))
     assert (again.box, again.crop_reason, again.seconds) == (prepared.box, prepared.crop_reason, prepared.seconds)
+    assert again.body_lost_fraction == prepared.body_lost_fraction == 0.0
     assert again.original.matches(prepared.original) and again.cropped.matches(prepared.cropped)
     assert again.resampled.matches(prepared.resampled)
 
@@ -228,6 +229,7 @@ def test_tiny_model_predicts_a_case_end_to_end(tmp_path, tiny_checkpoint):
     assert row["case_id"] == "case1" and row["status"] == "ok"
     assert row["seconds"] > 0 and row["peak_rss_mb"] > 50 and row["network_s"] > 0
     assert row["gpu_peak_mb"] is None and row["gpu_area_mb_s"] is None  # CPU
+    assert row["crop_body_lost_fraction"] == 0.0  # the body is above 50 HU: its box is the paper's
     sitk.WriteImage(sitk.Image(8, 8, sitk.sitkInt16), str(tmp_path / "flat_0000.nii.gz"))
     with pytest.raises(CaseError, match="case flat: .* must be a 3D"):
         predict_case(predictor, tmp_path / "flat_0000.nii.gz", tmp_path / "out" / "flat.nii.gz")
@@ -242,3 +244,24 @@ def test_memory_time_area_integrates_the_samples():
     elapsed = time.perf_counter() - start
     assert monitor.peak_mb == 100.0 and monitor.samples >= 5
     assert monitor.area_mb_s == pytest.approx(100.0 * elapsed, rel=0.1)
+
+
+def test_a_crop_that_cuts_the_body_is_in_the_row_and_warned_about(tmp_path, tiny_cfg):
+    from panseg.preprocessing.case import BodyLossWarning
+
+    ct, labels, body = make_case()
+    hu = ct.array.copy()
+    hu[(hu == 200) | body] = 40  # table and soft tissue below 50 HU: the paper's crop is the tumor's (110 HU)
+    hu[labels == TUMOR_ID] = 110
+    image = write_volume(ct.with_array(hu), tmp_path / "case1_0000.nii.gz")
+    cfg = replace(tiny_cfg, preprocess=replace(tiny_cfg.preprocess, min_body_fraction=0.0))
+    predictor = Predictor(cfg, lambda x: torch.zeros((num_classes_of(cfg),) + tuple(x.shape[2:])))
+    with pytest.warns(BodyLossWarning, match="case case1: the crop leaves out"):
+        row = predict_case(predictor, image, tmp_path / "out" / "case1.nii.gz")
+    cut = mask_bbox(labels == TUMOR_ID)
+    assert row["crop_box_zyx"] == cut.to_list()
+    assert row["crop_body_lost_fraction"] == pytest.approx(1 - body[cut.slices].sum() / body.sum(), abs=1e-4)
+    whole = predictor.with_config(replace(cfg, preprocess=replace(cfg.preprocess, crop_method="body")))
+    row = predict_case(whole, image, tmp_path / "out" / "case1.nii.gz")
+    assert (row["crop_reason"], row["crop_box_zyx"], row["crop_body_lost_fraction"]) == (
+        "body", mask_bbox(body).to_list(), 0.0)

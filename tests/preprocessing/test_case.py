@@ -33,14 +33,14 @@ def volume(array: np.ndarray) -> Volume:
     return Volume(array, SPACING, ORIGIN, DIRECTION)
 
 
-def synthetic_case(tmp_path, case_id="case_001", label=True, organs=True, tissue_hu=60) -> CaseFiles:
+def synthetic_case(tmp_path, case_id="case_001", label=True, organs=True, tissue_hu=60, table_hu=100) -> CaseFiles:
     """A body with a liver (1) and a spleen (3), a tumor in the liver, a table underneath."""
     rng = np.random.default_rng(0)
     hu = np.full(SHAPE, -1000, dtype=np.int16)
     hu[ellipsoid((20, 25, 30), (18, 17, 24))] = tissue_hu
     liver, spleen = ellipsoid((20, 22, 22), (8, 7, 9)), ellipsoid((20, 24, 42), (5, 5, 5))
     hu[liver | spleen] = 120
-    hu[:, 48:51, 4:56] = 100
+    hu[:, 48:51, 4:56] = table_hu
     hu += rng.integers(-5, 6, size=SHAPE, dtype=np.int16)
     organ_map = np.zeros(SHAPE, dtype=np.uint8)
     organ_map[liver], organ_map[spleen] = 1, 3
@@ -223,3 +223,26 @@ def test_invalid_ids_and_discovery_errors_raise_case_error(tmp_path):
         preprocess_case(CaseFiles("bad/id", str(tmp_path / "x.nii.gz")), CFG)
     with pytest.raises(CaseError, match="has no image"):
         preprocess_case(CaseFiles("orphan", None, label=str(tmp_path / "x.nii.gz")), CFG)
+
+
+def test_a_crop_that_cuts_the_body_is_recorded_and_warned_about(tmp_path):
+    from panseg.preprocessing.case import BodyLossWarning
+    from panseg.store.zarr_store import case_manifest_row
+
+    case = synthetic_case(tmp_path, tissue_hu=40, table_hu=40)  # below 50 HU: the paper's box is the liver's
+    paper = replace(CFG, min_body_fraction=0.01)  # a guard the liver's box passes
+    with pytest.warns(BodyLossWarning, match=r"case case_001: the crop leaves out \d+\.\d% of the body"):
+        out = preprocess_case(case, paper)
+    assert out.attrs["crop_reason"] == "grown_to_labels"  # grown to the spleen; the body is still cut
+    lost = out.attrs["crop_body_lost_fraction"]
+    assert 0.5 < lost < 1.0
+    assert case_manifest_row(out)["crop_body_lost_fraction"] == lost
+    quiet = replace(paper, body_lost_warn_fraction=0.99)
+    body = replace(CFG, crop_method="body")
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", BodyLossWarning)
+        preprocess_case(case, quiet)
+        whole = preprocess_case(case, body)
+    assert whole.attrs["crop_reason"] == "body" and whole.attrs["crop_body_lost_fraction"] == 0.0
+    assert whole.attrs["crop_box_zyx"] == [2, 8, 6, 39, 43, 55]  # the body, without the table at y 48-50

@@ -86,7 +86,11 @@ def test_body_guard_off_keeps_the_paper_crop():
     decision = choose_crop(hu, None, PreprocessConfig(min_body_fraction=0.0))
     assert decision.reason == "largest_component"
     assert decision.box == cc3d_largest_bbox(hu)
-    assert decision.body_box is None and decision.body_fraction is None
+    assert decision.body_fraction is None  # not checked ...
+    assert decision.body_box == BODY_BOX  # ... but measured: the liver's box leaves out most of the body
+    body = ellipsoid((20, 25, 30), (18, 17, 24))
+    assert decision.body_lost_fraction == pytest.approx(1 - body[decision.box.slices].sum() / body.sum())
+    assert decision.body_lost_fraction > 0.5
 
 
 @pytest.mark.parametrize("connectivity", [6, 26])
@@ -134,3 +138,35 @@ def test_float_and_integer_thresholds_agree():
     as_float = hu.astype(np.float32) + 0.5  # 50.5 > 50 for a float CT, 50 is not for an integer one
     assert largest_component_bbox(as_float, 50.0, 6) == largest_component_bbox(hu, 50.0, 6)
     assert largest_component_bbox(hu, 50.7, 6) == largest_component_bbox(hu, 50.0, 6)
+
+
+def test_body_method_is_the_body_box_whatever_the_organs():
+    hu = phantom(tissue_hu=40, organ_hu=120, table_hu=40)  # the paper's crop would take the liver alone
+    decision = choose_crop(hu, None, PreprocessConfig(crop_method="body"))
+    assert (decision.reason, decision.box, decision.body_box) == ("body", BODY_BOX, BODY_BOX)  # table left out
+    assert decision.body_lost_fraction == 0.0
+    paper = choose_crop(hu, None, PreprocessConfig(min_body_fraction=0.0))
+    assert paper.body_lost_fraction > 0.5
+    grown = choose_crop(hu, None, PreprocessConfig(crop_method="body", crop_margin_vox=2))
+    assert grown.box == BODY_BOX.grow(2, SHAPE)
+    labels = np.zeros(SHAPE, dtype=np.uint8)
+    labels[20, 45, 10] = 14
+    assert choose_crop(hu, labels, PreprocessConfig(crop_method="body")).reason == "grown_to_labels"
+
+
+def test_body_method_without_a_body_is_a_clear_error():
+    with pytest.raises(ValueError, match="no voxel above the body threshold -500 HU"):
+        choose_crop(np.full((4, 5, 6), -1000, dtype=np.int16), None, PreprocessConfig(crop_method="body"))
+
+
+def test_body_lost_fraction_is_what_the_box_leaves_out():
+    hu = phantom(tissue_hu=40, organ_hu=120, table_hu=40)
+    body = ellipsoid((20, 25, 30), (18, 17, 24))
+    cfg = PreprocessConfig(min_body_fraction=0.01)  # the liver's box passes this guard
+    decision = choose_crop(hu, None, cfg)
+    assert decision.reason == "largest_component"
+    expected = 1 - body[decision.box.slices].sum() / body.sum()
+    assert decision.body_lost_fraction == pytest.approx(expected) and expected > 0.5
+    fallback = choose_crop(hu, None, PreprocessConfig(min_body_fraction=0.9))
+    assert (fallback.reason, fallback.body_lost_fraction) == ("body_fallback", 0.0)
+    assert choose_crop(hu, None, PreprocessConfig(crop_method="none")).body_lost_fraction == 0.0
