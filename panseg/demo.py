@@ -159,16 +159,16 @@ def run_demo(workdir: str | Path, cases: int = DEFAULT_CASES, healthy: int = DEF
 
 
 def start_quiet_local_ray(num_cpus: int | None) -> None:
-    """The demo's local Ray: worker output stays in Ray's log files (rank 0's epoch lines are followed
-    from RUN/metrics.jsonl), and token authentication is on as Ray 2.60 makes it for a new local
-    cluster, but chosen here (RAY_AUTH_MODE=token unless the user set a mode), so Ray does not print its
-    notice that it turned it on. With RAY_ADDRESS set, Ray joins that cluster and its own rules apply."""
-    import os
-
+    """The demo's local Ray: worker output stays in Ray's log files (the training worker's epoch lines
+    are followed from RUN/metrics.jsonl), and Ray's own choice of authentication stands (Ray 2.60 turns
+    token authentication on for a new local cluster when RAY_AUTH_MODE is unset, making a token in
+    ~/.ray/auth_token if there is none) without the notice it prints about it. With RAY_ADDRESS set,
+    Ray joins that cluster and its own rules apply."""
     import ray
 
-    if not os.environ.get("RAY_ADDRESS"):
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
+    from panseg.ray_shell import hide_token_auth_notice
+
+    hide_token_auth_notice()
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
 
 

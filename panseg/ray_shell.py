@@ -37,19 +37,35 @@ def ray_session(address: str | None, num_cpus: int | None) -> Iterator[None]:
             ray.shutdown()
 
 
-class _ProgressBarNotice:
-    """A logging filter: drops Ray Data's "Progress bars disabled" warning (panseg turns them off on purpose)."""
+class _DropNotice:
+    """A logging filter that drops the records whose message starts with `prefix`."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
 
     def filter(self, record) -> bool:
-        return not str(record.msg).startswith("Progress bars disabled")
+        return not str(record.msg).startswith(self.prefix)
+
+
+def _drop_notice(logger_name: str, prefix: str) -> None:
+    """Drop `logger_name`'s messages that start with `prefix` (once, however often it is called)."""
+    import logging
+
+    logger = logging.getLogger(logger_name)
+    if not any(isinstance(f, _DropNotice) and f.prefix == prefix for f in logger.filters):
+        logger.addFilter(_DropNotice(prefix))
 
 
 def _hide_progress_bar_notice() -> None:
-    import logging
+    """Ray Data's warning that progress bars are off (panseg turns them off on purpose)."""
+    _drop_notice("ray.data._internal.progress", "Progress bars disabled")
 
-    logger = logging.getLogger("ray.data._internal.progress")  # where Ray Data warns that bars are off
-    if not any(isinstance(f, _ProgressBarNotice) for f in logger.filters):
-        logger.addFilter(_ProgressBarNotice())
+
+def hide_token_auth_notice() -> None:
+    """Ray's notice that a new local cluster has token authentication on (Ray 2.60 turns it on, and makes
+    a token in ~/.ray/auth_token, when RAY_AUTH_MODE is unset): the demo keeps that default, quietly."""
+    _drop_notice("ray._private.authentication.authentication_token_setup",
+                 "Token authentication is enabled for this Ray cluster")
 
 
 class Progress:

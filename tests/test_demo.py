@@ -1,8 +1,13 @@
 """The demo's pure parts: three disjoint case sets, the preprocessing summary's crop line, and Ray Data's
-progress-bar notice kept out of a quiet run. (The demo itself starts Ray: tests/test_pseudolabel.py runs
-the two-stage demo under the `ray` marker.)"""
+progress-bar notice kept out of a quiet run, and the demo's own local Ray on a machine with no token. (The
+whole demo starts Ray: tests/test_pseudolabel.py runs the two-stage demo under the `ray` marker.)"""
 
 import logging
+import os
+import subprocess
+import sys
+
+import pytest
 
 from panseg.data_pipeline import PreprocessResult, format_summary
 from panseg.demo import VAL_CASES, demo_split
@@ -39,3 +44,20 @@ def test_ray_datas_progress_bar_notice_is_filtered_and_other_warnings_are_not(ca
         logger.warning("Progress bars disabled. To enable, set ...")
         logger.warning("Progress bars for operators disabled.")
     assert [r.getMessage() for r in caplog.records] == ["Progress bars for operators disabled."]
+
+
+@pytest.mark.ray
+def test_the_demos_ray_starts_on_a_machine_without_a_token_with_token_auth_on_and_no_notice(tmp_path):
+    """A new user's machine: RAY_AUTH_MODE unset and no ~/.ray/auth_token. The demo's local Ray starts with
+    the token authentication Ray turns on by default (making the token), and Ray's notice about it is not
+    printed. (Setting RAY_AUTH_MODE=token here instead made Ray's GCS abort: no token.)"""
+    script = ("import ray\nfrom panseg.demo import start_quiet_local_ray\nstart_quiet_local_ray(1)\n"
+              "from ray._raylet import AuthenticationMode, get_authentication_mode\n"
+              "print('token auth', get_authentication_mode() == AuthenticationMode.TOKEN)\nray.shutdown()\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    env.update(HOME=str(tmp_path), RAY_USAGE_STATS_ENABLED="0")
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "token auth True" in done.stdout
+    assert (tmp_path / ".ray" / "auth_token").is_file()
+    assert "Token authentication is enabled" not in done.stderr + done.stdout
