@@ -43,10 +43,13 @@ def _numpy_checkpoint_globals() -> list:
     """numpy's scalar reconstructor under both the numpy 2 and the numpy 1 module name (checkpoints
     written with numpy 1 name `numpy.core.multiarray.scalar`), `numpy.dtype`, and the float and int
     dtype classes numpy 2 pickles beside them."""
-    from numpy._core.multiarray import scalar  # numpy >= 2
-
+    try:
+        from numpy._core.multiarray import scalar  # numpy >= 2
+    except ImportError:
+        from numpy.core.multiarray import scalar  # numpy 1.x
+    names = {"numpy._core.multiarray.scalar", "numpy.core.multiarray.scalar"}
     dtypes = np.dtypes
-    return [scalar, (scalar, "numpy.core.multiarray.scalar"), np.dtype, dtypes.Float64DType, dtypes.Float32DType,
+    return [*((scalar, name) for name in sorted(names)), np.dtype, dtypes.Float64DType, dtypes.Float32DType,
             dtypes.Int64DType, dtypes.Int32DType]
 
 
