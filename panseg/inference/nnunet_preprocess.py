@@ -153,15 +153,24 @@ def export_labels(logits: torch.Tensor, prepared: NnunetPrepared, plan: NnunetPl
     """The label map in the CT's own (z, y, x) array order from (K, D, H, W) logits on the plan's grid.
 
     Returns:
-        uint8 (z, y, x): class ids 0..K-1 inside the crop box, 0 outside.
+        uint8 (z, y, x): class ids 0..K-1 inside the crop box, 0 outside (the argmax is kept class by class,
+        ties to the lower class as argmax, so only one resampled class and the running maximum are in memory).
     """
     r = plan.probabilities_resampling
-    back = resample(logits.float().cpu(), prepared.shape_after_cropping, plan.spacing, prepared.spacing, r.order,
-                    r.order_z, r.force_separate_z, threads)  # (K, *shape_after_cropping)
-    if logits.dtype == torch.float16:
-        back = back.half()  # nnU-Net stores the resampled logits in their own dtype before the argmax
-    labels = back.argmax(0).to(torch.uint8).numpy()
-    del back
+    best, labels = None, None
+    for k in range(logits.shape[0]):  # one class at a time: two full-size arrays, never K of them
+        back = resample(logits[k:k + 1].float().cpu(), prepared.shape_after_cropping, plan.spacing, prepared.spacing,
+                        r.order, r.order_z, r.force_separate_z, threads)[0]  # (*shape_after_cropping)
+        back = back.to(logits.dtype)  # nnU-Net stores the resampled logits in their own dtype before the argmax
+        if best is None:
+            best, labels = back, torch.zeros(back.shape, dtype=torch.uint8)
+        else:
+            higher = back > best  # strictly: ties keep the lower class, as argmax does
+            best = torch.where(higher, back, best)
+            labels.masked_fill_(higher, k)
+        del back
+    labels = labels.numpy()
+    del best
     full = np.zeros(prepared.shape_before_cropping, dtype=np.uint8)
     full[tuple(slice(a, b) for a, b in prepared.bbox)] = labels
     return np.ascontiguousarray(full.transpose(plan.transpose_backward))
