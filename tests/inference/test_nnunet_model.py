@@ -200,3 +200,30 @@ def test_nnunet_predict_resumes_and_redoes_other_settings(nnunet_runs, ray_local
     assert "1 predicted, 0 already there" in capsys.readouterr().out
     second = read_csv_rows(tmp_path / "predictions.csv")["case_0"]
     assert second["status"] == "ok" and second["model_id"].startswith("sha256:") and second["model_id"] != first
+
+
+@pytest.mark.parametrize("scheme,use_mask", [("ZScoreNormalization", True), ("ZScoreNormalization", False),
+                                             ("CTNormalization", False)])
+def test_normalisation_is_nnunets(fullres_folder, scheme, use_mask):
+    """panseg's normalisation of a cropped CT (zeros around a body) against nnU-Net's own normaliser classes."""
+    schemes = import_optional("nnunetv2.preprocessing.normalization.default_normalization_schemes", NNUNET_INSTALL)
+    cropping = import_optional("nnunetv2.preprocessing.cropping.cropping", NNUNET_INSTALL)
+    from dataclasses import replace
+
+    from panseg.inference.nnunet_preprocess import normalize
+
+    plan = replace(read_plan(fullres_folder), normalization_schemes=(scheme,), use_mask_for_norm=(use_mask,))
+    data = np.zeros((1, 12, 20, 18), dtype=np.float32)
+    data[0, 2:10, 3:17, 2:16] = np.random.default_rng(1).normal(40, 200, size=(8, 14, 14))
+    data[0, 5, 8, 8] = 0  # a hole: nnU-Net's nonzero mask fills it
+    _, seg, _ = cropping.crop_to_nonzero(data.copy())  # -1 outside the filled nonzero mask
+    normaliser = getattr(schemes, scheme)(use_mask_for_norm=use_mask, intensityproperties=plan.intensity_properties[0])
+    theirs = normaliser.run(data[0].copy(), np.pad(seg[0], [(a, data.shape[i + 1] - b) for i, (a, b) in
+                                                            enumerate(_bbox(data))], constant_values=-1))
+    np.testing.assert_allclose(normalize(data.copy(), plan)[0], theirs, rtol=1e-5, atol=1e-5)
+
+
+def _bbox(data: np.ndarray) -> list[tuple[int, int]]:
+    from panseg.inference.nnunet_preprocess import nonzero_bbox
+
+    return list(nonzero_bbox(data))
