@@ -173,20 +173,41 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from panseg.infer import predict_folder
 
     from panseg.config import apply_overrides
+    from panseg.inference.nnunet_model import is_nnunet_model_folder
     from panseg.training.checkpoint import load_checkpoint
 
-    infer = None  # the checkpoint's own inference settings, unless changed here
-    if args.config or args.overrides or args.all_labels:
-        cfg = apply_overrides(load_checkpoint(args.model).cfg, args.config, args.overrides)
-        infer = cfg.infer if not args.all_labels else _replace(cfg.infer, all_labels=True)
-    rows = predict_folder(args.model, args.input, args.output, address=args.address, num_cpus=args.num_cpus,
-                          use_gpu=True if args.gpu else None, progress=not args.quiet, infer=infer)
+    if is_nnunet_model_folder(args.model):
+        rows = _predict_nnunet(args)
+    else:
+        if args.folds:
+            raise ValueError(f"--folds is for nnU-Net v2 model folders, and {args.model} is not one "
+                             "(plans.json, dataset.json, fold_K/)")
+        infer = None  # the checkpoint's own inference settings, unless changed here
+        if args.config or args.overrides or args.all_labels:
+            cfg = apply_overrides(load_checkpoint(args.model).cfg, args.config, args.overrides)
+            infer = cfg.infer if not args.all_labels else _replace(cfg.infer, all_labels=True)
+        rows = predict_folder(args.model, args.input, args.output, address=args.address, num_cpus=args.num_cpus,
+                              use_gpu=True if args.gpu else None, progress=not args.quiet, infer=infer)
     failed = [r for r in rows if r["status"] == "failed"]
     print(f"predict: {len(rows)} cases, {sum(r['status'] == 'ok' for r in rows)} predicted, "
           f"{sum(r['status'] == 'skipped' for r in rows)} already there, {len(failed)} failed; masks in {args.output}")
     for row in failed:
         print(f"  {row['case_id']}: {row['error']}")
     return 1 if failed else 0
+
+
+def _predict_nnunet(args: argparse.Namespace) -> list[dict]:
+    """An nnU-Net v2 model folder: its own defaults (step 0.5, mirroring) with --config/--set infer keys on top."""
+    from panseg.config import PansegConfig, apply_overrides
+    from panseg.infer_nnunet import predict_nnunet_folder
+    from panseg.inference.nnunet_predict import NNUNET_INFER
+
+    infer = apply_overrides(PansegConfig(infer=NNUNET_INFER), args.config, args.overrides).infer
+    if args.all_labels:
+        infer = _replace(infer, all_labels=True)
+    return predict_nnunet_folder(args.model, args.input, args.output, folds=args.folds, address=args.address,
+                                 num_cpus=args.num_cpus, use_gpu=True if args.gpu else None,
+                                 progress=not args.quiet, infer=infer)
 
 
 def _cmd_pseudolabel(args: argparse.Namespace) -> int:
@@ -352,10 +373,13 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="examples:\n  panseg predict --model runs/paper --input data/test/imagesTs --output preds\n"
                        "  ray job submit --runtime-env runtime_env.yaml --working-dir . -- panseg predict --model "
                        "/mnt/panseg/runs/paper --input /mnt/panseg/test --output /mnt/panseg/preds --address auto")
-    p.add_argument("--model", required=True, help="run directory (its best model), checkpoint directory or file")
+    p.add_argument("--model", required=True, help="run directory (its best model), checkpoint directory or file, "
+                   "or an nnU-Net v2 model folder (<Trainer>__<Plans>__<configuration>/, docs/inference.md)")
     p.add_argument("--input", required=True, help="folder of CTs named <case>_0000.nii.gz (or .nii/.mha/.nrrd)")
     p.add_argument("--output", required=True, help="folder for <case>.nii.gz masks and predictions.csv (resumable)")
     p.add_argument("--all-labels", action="store_true", help="write every class, not only the tumor")
+    p.add_argument("--folds", nargs="+", default=None, metavar="FOLD",
+                   help="nnU-Net model folds to ensemble, e.g. 0 1 2 3 4 or all (default: every fold with a checkpoint)")
     _add_prediction_args(p, "e.g. --set infer.mirror_tta=true --set infer.windows_per_batch=4")
     p.set_defaults(handler=_cmd_predict)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import math
 from contextlib import nullcontext
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -61,7 +62,10 @@ def _pad_to_window(image: torch.Tensor, window_zyx: tuple[int, int, int]) -> tup
 def sliding_window_logits(model: torch.nn.Module, image: torch.Tensor, window_zyx: tuple[int, int, int],
                           num_classes: int, step_fraction: float = 0.875, sigma_scale: float = 0.125,
                           windows_per_batch: int = 2, autocast_dtype: torch.dtype | None = None,
-                          mirror_axes: tuple[int, ...] = (), fixed_batch: bool = False) -> torch.Tensor:
+                          mirror_axes: tuple[int, ...] = (), fixed_batch: bool = False,
+                          importance: torch.Tensor | None = None,
+                          starts_fn: Callable[[int, int], list[int]] | None = None,
+                          accumulate_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Gaussian-weighted sliding-window logits of a whole volume.
 
     Args:
@@ -86,10 +90,17 @@ def sliding_window_logits(model: torch.nn.Module, image: torch.Tensor, window_zy
     padded, crop = _pad_to_window(image, window_zyx)
     shape = padded.shape[2:]
     device = padded.device
-    weights = gaussian_importance(window_zyx, sigma_scale, device)  # (d, h, w)
-    logits = torch.zeros((num_classes, *shape), dtype=torch.float32, device=device)  # (K, D, H, W)
-    norm = torch.zeros(shape, dtype=torch.float32, device=device)
-    starts = list(itertools.product(*(window_starts(s, w, step_fraction) for s, w in zip(shape, window_zyx))))
+    if importance is None:
+        weights = gaussian_importance(window_zyx, sigma_scale, device)  # (d, h, w)
+    else:
+        weights = importance.to(device=device, dtype=torch.float32)
+    if starts_fn is None:
+        def starts_fn(size: int, window: int) -> list[int]:
+            return window_starts(size, window, step_fraction)
+    logits = torch.zeros((num_classes, *shape), dtype=accumulate_dtype, device=device)  # (K, D, H, W)
+    norm = torch.zeros(shape, dtype=accumulate_dtype, device=device)
+    sum_weights = weights.to(accumulate_dtype)
+    starts = list(itertools.product(*(starts_fn(s, w) for s, w in zip(shape, window_zyx))))
     amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
     for i in range(0, len(starts), windows_per_batch):
         group = starts[i:i + windows_per_batch]
@@ -101,8 +112,11 @@ def sliding_window_logits(model: torch.nn.Module, image: torch.Tensor, window_zy
         with amp:
             out = _forward_with_mirroring(model, batch, mirror_axes)[:len(slices)]
         for sl, window_logits in zip(slices, out.float()):
-            logits[(slice(None),) + sl].addcmul_(window_logits, weights)  # in place: no window-sized temporary
-            norm[sl] += weights
+            if accumulate_dtype == torch.float32:
+                logits[(slice(None),) + sl].addcmul_(window_logits, weights)  # in place: no window-sized temporary
+            else:  # the float32 product rounded once into the sum, as nnU-Net's `predicted_logits[sl] += prediction`
+                logits[(slice(None),) + sl] += window_logits * weights
+            norm[sl] += sum_weights
     logits /= norm
     return logits[(slice(None),) + tuple(crop)]
 

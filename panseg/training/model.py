@@ -134,14 +134,20 @@ def _check_triplet(name: str, values: Sequence[float]) -> None:
 
 
 class ConvNormAct(nn.Module):
-    """Conv3d (with bias, as nnU-Net) -> InstanceNorm3d(affine) -> LeakyReLU."""
+    """Conv3d (with bias, as nnU-Net) -> InstanceNorm3d(affine) -> LeakyReLU.
+
+    `kernel_size` is an odd int (cubic) or an odd (z, y, x) triple, e.g. (1, 3, 3) in nnU-Net's plans
+    for the first stages of anisotropic data; padding keeps the size ("same").
+    """
 
     def __init__(
-        self, in_channels: int, out_channels: int, kernel_size: int, stride: Sequence[int], negative_slope: float
+        self, in_channels: int, out_channels: int, kernel_size: int | Sequence[int], stride: Sequence[int],
+        negative_slope: float
     ) -> None:
         super().__init__()
+        kernel = _kernel_triple(kernel_size)
         self.conv = nn.Conv3d(
-            in_channels, out_channels, kernel_size, stride=tuple(stride), padding=kernel_size // 2, bias=True
+            in_channels, out_channels, kernel, stride=tuple(stride), padding=tuple(k // 2 for k in kernel), bias=True
         )
         self.norm = nn.InstanceNorm3d(out_channels, eps=1e-5, affine=True)
         self.act = nn.LeakyReLU(negative_slope, inplace=True)
@@ -150,11 +156,19 @@ class ConvNormAct(nn.Module):
         return self.act(self.norm(self.conv(x)))
 
 
+def _kernel_triple(kernel_size: int | Sequence[int]) -> Stride:
+    """An int kernel size as a cubic (z, y, x) triple; a triple as it is."""
+    if isinstance(kernel_size, int):
+        return (kernel_size, kernel_size, kernel_size)
+    z, y, x = (int(k) for k in kernel_size)
+    return (z, y, x)
+
+
 def conv_stack(
     in_channels: int,
     out_channels: int,
     n_conv: int,
-    kernel_size: int,
+    kernel_size: int | Sequence[int],
     first_stride: Sequence[int],
     negative_slope: float,
 ) -> nn.Sequential:
@@ -175,7 +189,8 @@ class UNet3D(nn.Module):
         features_per_stage: channels of each encoder stage, the bottleneck last.
         strides: one (z, y, x) stride per stage (see `plan_strides`); stage 0 is usually (1, 1, 1).
         n_conv_per_stage: convolutions per encoder and per decoder stage.
-        kernel_size: odd cubic kernel size of every convolution.
+        kernel_size: odd cubic kernel size of every convolution, or one odd (z, y, x) kernel per stage
+            (nnU-Net's `kernel_sizes`; a decoder stage uses the kernel of the encoder stage it joins).
         deep_supervision: if True, `forward` returns a list of logits, one per decoder stage,
             highest resolution first; if False, only the full-resolution logits. Set the attribute
             to switch (nnU-Net's trainer turns it off for validation and inference); `eval()` alone
@@ -193,7 +208,7 @@ class UNet3D(nn.Module):
         features_per_stage: Sequence[int],
         strides: Sequence[Sequence[int]],
         n_conv_per_stage: int = 2,
-        kernel_size: int = 3,
+        kernel_size: int | Sequence[Sequence[int]] = 3,
         deep_supervision: bool = True,
         negative_slope: float = 0.01,
     ) -> None:
@@ -204,11 +219,12 @@ class UNet3D(nn.Module):
         self.num_classes = num_classes
         self.deep_supervision = deep_supervision
         features = self.features_per_stage
+        kernels = [kernel_size] * len(features) if isinstance(kernel_size, int) else list(kernel_size)
 
         self.encoder = nn.ModuleList()
         channels = in_channels
-        for stage_features, stride in zip(features, self.strides):
-            stage = conv_stack(channels, stage_features, n_conv_per_stage, kernel_size, stride, negative_slope)
+        for stage_features, stride, kernel in zip(features, self.strides, kernels):
+            stage = conv_stack(channels, stage_features, n_conv_per_stage, kernel, stride, negative_slope)
             self.encoder.append(stage)
             channels = stage_features
 
@@ -216,7 +232,8 @@ class UNet3D(nn.Module):
         # upsamplers, then heads: the order of PlainConvUNet's parameters, so weights map one to one.
         levels = range(len(features) - 1, 0, -1)  # the encoder stage each decoder stage undoes
         self.decoder = nn.ModuleList(
-            conv_stack(2 * features[s - 1], features[s - 1], n_conv_per_stage, kernel_size, (1, 1, 1), negative_slope)
+            conv_stack(2 * features[s - 1], features[s - 1], n_conv_per_stage, kernels[s - 1], (1, 1, 1),
+                       negative_slope)
             for s in levels
         )
         # bias=True like nnU-Net's conv_bias=True plans; it is part of the 30,796,459 parameters.
@@ -267,7 +284,7 @@ def _check_network_args(
     features_per_stage: Sequence[int],
     strides: Sequence[Sequence[int]],
     n_conv_per_stage: int,
-    kernel_size: int,
+    kernel_size: int | Sequence[Sequence[int]],
 ) -> None:
     if in_channels < 1:
         raise ValueError(f"in_channels must be >= 1, but it is {in_channels}")
@@ -287,8 +304,16 @@ def _check_network_args(
             raise ValueError(f"strides[{i}] must be 3 positive integers (z, y, x), but it is {tuple(stride)}")
     if n_conv_per_stage < 1:
         raise ValueError(f"n_conv_per_stage must be >= 1, but it is {n_conv_per_stage}")
-    if kernel_size < 1 or kernel_size % 2 != 1:
-        raise ValueError(f"kernel_size must be a positive odd number, but it is {kernel_size}")
+    if isinstance(kernel_size, int):
+        if kernel_size < 1 or kernel_size % 2 != 1:
+            raise ValueError(f"kernel_size must be a positive odd number, but it is {kernel_size}")
+        return
+    if len(kernel_size) != len(features_per_stage):
+        raise ValueError(f"kernel_size has {len(kernel_size)} per-stage kernels but there are "
+                         f"{len(features_per_stage)} stages; give one (z, y, x) kernel per stage")
+    for i, kernel in enumerate(kernel_size):
+        if len(kernel) != 3 or any(int(k) < 1 or int(k) % 2 != 1 for k in kernel):
+            raise ValueError(f"kernel_size[{i}] must be 3 positive odd numbers (z, y, x), but it is {tuple(kernel)}")
 
 
 def init_weights(module: nn.Module, negative_slope: float = 1e-2) -> None:

@@ -1,0 +1,182 @@
+"""`panseg predict --model <nnU-Net v2 model folder>`: the same Ray Data shell as `panseg.infer`, with the
+model's own preprocessing and export (`panseg.inference.nnunet_*`).
+
+Two stages, as for panseg checkpoints: `prepare_nnunet_row` tasks read a CT and preprocess it as the
+model's plan says (transpose, crop to nonzero, normalise, resample; float32 leaves the task), and an
+`NnunetActor` pool (one actor per GPU, or CPU actors) loads the folds once, runs the windows, exports
+(logits resampled back, argmax, pasted, transposed back), writes `<case>.nii.gz` atomically and
+measures the case. Resuming, stale masks, failed rows and predictions.csv are `panseg.infer`'s; the
+model id hashes plans.json, dataset.json, every fold's checkpoint, the folds and the inference settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from panseg.config import InferConfig, from_dict, to_dict
+from panseg.infer import (CSV_NAME, ActorPlan, failed_row, mask_notes, output_path, plan_actors, plan_folder,
+                          prepare_memory_bytes, remove_stale_masks, write_csv_rows)
+from panseg.inference.nnunet_model import fold_checkpoints, load_nnunet_model, read_plan
+from panseg.inference.nnunet_predict import NNUNET_INFER, NnunetPredictor, lesion_labels
+from panseg.inference.nnunet_preprocess import NnunetPrepared, preprocess
+from panseg.inference.predictor import default_device, prediction_row
+from panseg.inference.resource_monitor import CaseUsage, peak_rss_mb, reset_peak_rss
+from panseg.io import ImageReadError, read_volume, write_volume
+from panseg.preprocessing.case import CaseError
+from panseg.ray_shell import Progress, collect_rows, ray_session
+
+_HASH_CHUNK = 2**20
+_PREPARE_BYTES_PER_VOXEL = 24  # float32 copies (transposed, cropped, resampled) of a CT, and numpy temporaries
+
+
+def nnunet_model_id(folder: str | Path, folds: Sequence[str | int] | None, infer: InferConfig) -> str:
+    """sha256 of plans.json, dataset.json, each fold's checkpoint (in fold order) and the settings."""
+    folder = Path(folder)
+    digest = hashlib.sha256()
+    files = [folder / "plans.json", folder / "dataset.json", *fold_checkpoints(folder, folds)]
+    for file in files:
+        digest.update(file.name.encode())
+        with open(file, "rb") as f:
+            while chunk := f.read(_HASH_CHUNK):
+                digest.update(chunk)
+    digest.update(json.dumps(to_dict(infer), sort_keys=True).encode())
+    return f"sha256:{digest.hexdigest()[:16]}"
+
+
+def prepare_nnunet_row(row: dict, folder: str, configuration: str, threads: int = 1) -> dict:
+    """Read and preprocess one case for the model; a bad case comes back with `error` set (never raises)."""
+    start = time.perf_counter()
+    reset_peak_rss()
+    out = {"case_id": row["case_id"], "output": row["output"], "error": "", "meta_json": "{}",
+           "data": np.zeros((1, 1, 1, 1), dtype=np.float32)}
+    try:
+        volume = read_volume(row["image"], threads=threads)
+        read_s = time.perf_counter() - start
+        prepared = preprocess(volume.array, volume.geometry, read_plan(folder, configuration), threads)
+        del volume
+        meta = prepared.metadata()
+        meta["seconds"] = {"read": read_s, **meta["seconds"]}
+        meta["prepare_s"] = time.perf_counter() - start
+        meta["prepare_rss_mb"] = peak_rss_mb()
+        out.update(data=prepared.data, meta_json=json.dumps(meta))
+    except (ImageReadError, ValueError) as err:
+        out["error"] = str(CaseError(row["case_id"], str(err)))
+    except Exception as err:  # one unexpected failure must not stop the folder
+        out["error"] = f"case {row['case_id']}: unexpected {type(err).__name__}: {err}"
+    return out
+
+
+class NnunetActor:
+    """Ray Data callable class: loads the model's folds once, then predicts one prepared case per call."""
+
+    def __init__(self, folder: str, folds: list[str] | None, infer_json: str, threads: int = 1,
+                 model_id: str | None = None) -> None:
+        torch.set_num_threads(threads)
+        infer = from_dict(InferConfig, json.loads(infer_json))
+        self.predictor = NnunetPredictor(load_nnunet_model(folder, folds), infer, default_device(), threads)
+        self.model_id = model_id
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = [self._predict_one({key: batch[key][i] for key in batch}) for i in range(len(batch["case_id"]))]
+        return {"row_json": np.array([json.dumps(r) for r in rows], dtype=object)}
+
+    def _predict_one(self, item: dict) -> dict:
+        case_id, error = str(item["case_id"]), str(item["error"])
+        if error:
+            return failed_row(case_id, error)
+        try:
+            meta = json.loads(str(item["meta_json"]))
+            prepared = NnunetPrepared.from_metadata(np.array(item["data"], dtype=np.float32), meta)
+            return self._predict_prepared(case_id, str(item["output"]), prepared, meta)
+        except Exception as err:  # e.g. out of memory on one huge case: record it, go on
+            if self.predictor.device.type == "cuda":
+                torch.cuda.empty_cache()
+            return failed_row(case_id, f"case {case_id}: prediction failed: {type(err).__name__}: {err}")
+
+    def _predict_prepared(self, case_id: str, output: str, prepared: NnunetPrepared, meta: dict) -> dict:
+        with CaseUsage(self.predictor.device) as usage:
+            prediction = self.predictor.predict_prepared(prepared)
+            t0 = time.perf_counter()
+            write_volume(prediction.volume, output, notes=mask_notes(self.model_id) if self.model_id else None)
+            write_s = time.perf_counter() - t0
+        report = usage.report.as_row()
+        report["peak_rss_mb"] = max(report["peak_rss_mb"], round(meta.get("prepare_rss_mb", 0.0), 3))
+        row = prediction_row(case_id, output, prediction, {**prediction.seconds, "write": write_s}, report)
+        row.update(prepare_s=round(meta["prepare_s"], 3), predict_s=report["seconds"],
+                   seconds=round(meta["prepare_s"] + report["seconds"], 3), model_id=self.model_id)
+        return row
+
+
+def predict_nnunet_folder(model_folder: str | Path, input_dir: str | Path, output_dir: str | Path,
+                          folds: Sequence[str | int] | None = None, address: str | None = None,
+                          num_cpus: int | None = None, use_gpu: bool | None = None, progress: bool = True,
+                          infer: InferConfig = NNUNET_INFER) -> list[dict]:
+    """Predict every `<case>_0000.*` CT of `input_dir` with an nnU-Net v2 model folder (see `infer.predict_folder`).
+
+    Args:
+        model_folder: `<Trainer>__<Plans>__<configuration>/` with plans.json, dataset.json and fold_K/.
+        folds: e.g. (0, 1, 2, 3, 4) or ('all',); None: every fold with a checkpoint.
+        infer: inference settings (default `NNUNET_INFER`: nnU-Net's step 0.5 and mirroring).
+
+    Returns:
+        One row per case, sorted by case id; also written to output_dir/predictions.csv.
+
+    Raises:
+        NnunetModelError: the folder, its plans, labels or checkpoints cannot be run (checked before Ray starts).
+        FileNotFoundError: input_dir holds no CT.
+    """
+    folds = [str(f) for f in folds] if folds is not None else None
+    model = load_nnunet_model(model_folder, folds)  # fail fast: plans, network, weights, labels
+    if not infer.all_labels:
+        lesion_labels(model.plan.labels)
+    folds = folds or [p.parent.name[5:] for p in model.checkpoints]
+    current = nnunet_model_id(model_folder, folds, infer)
+    rows, todo = plan_folder(input_dir, output_dir, CSV_NAME, current)
+    remove_stale_masks(todo, output_dir)
+    if todo:
+        rows += _run(todo, Path(model_folder).resolve(), model.plan.configuration, folds, output_dir, infer,
+                     current, address, num_cpus, use_gpu, progress)
+    rows.sort(key=lambda r: r["case_id"])
+    write_csv_rows(rows, Path(output_dir) / CSV_NAME)
+    return rows
+
+
+def _run(todo, folder: Path, configuration: str, folds: list[str], output_dir, infer: InferConfig, current: str,
+         address, num_cpus, use_gpu, progress) -> list[dict]:
+    import ray
+
+    from panseg.cluster import cluster_capacity
+
+    with ray_session(address, num_cpus):
+        gpus = cluster_capacity().totals.get("GPU", 0.0)
+        plan = plan_actors(ray.cluster_resources().get("CPU", 1.0), gpus, gpus >= 1 if use_gpu is None else use_gpu)
+        if plan.gpus_per_actor:
+            plan = ActorPlan(min(plan.actors, len(todo)), plan.cpus_per_actor, plan.gpus_per_actor,
+                             plan.prepare_tasks, plan.cpus_per_prepare)
+        items = [{"case_id": c.case_id, "image": os.path.abspath(c.image),
+                  "output": str(output_path(Path(output_dir).resolve(), c.case_id))} for c in todo]
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        memory = prepare_memory_bytes(todo) * _PREPARE_BYTES_PER_VOXEL // 12  # infer's estimate is 12 B/voxel
+        ds = ds.map(prepare_nnunet_row, fn_kwargs={"folder": str(folder), "configuration": configuration},
+                    num_cpus=plan.cpus_per_prepare, memory=memory,
+                    compute=ray.data.TaskPoolStrategy(size=plan.prepare_tasks))
+        ds = ds.map_batches(NnunetActor, batch_size=1, batch_format="numpy",
+                            compute=ray.data.ActorPoolStrategy(size=plan.actors), num_cpus=plan.cpus_per_actor,
+                            num_gpus=plan.gpus_per_actor,
+                            fn_constructor_kwargs={"folder": str(folder), "folds": folds,
+                                                   "infer_json": json.dumps(to_dict(infer)),
+                                                   "threads": max(1, math.floor(plan.cpus_per_actor)),
+                                                   "model_id": current})
+        return collect_rows(ds, Progress("predict", len(todo), enabled=progress))
+
+
+__all__ = ["NnunetActor", "nnunet_model_id", "predict_nnunet_folder", "prepare_nnunet_row"]
