@@ -119,29 +119,40 @@ def prepare_memory_bytes(cases: list[CaseFiles], sample: int = _HEADER_SAMPLE) -
     return _PREPARE_BASE_MEMORY + int(largest * _PREPARE_BYTES_PER_VOXEL * 1.25)
 
 
-def prepare_row(row: dict, preprocess_json: str, threads: int = 1) -> dict:
-    """Read and preprocess one case; a bad case comes back with `error` set (never raises)."""
-    cfg = from_dict(PreprocessConfig, json.loads(preprocess_json))
+def prepare_case_row(row: dict, threads: int, placeholders: dict[str, np.ndarray],
+                     prepare: Callable[[Volume], tuple[dict[str, np.ndarray], dict]]) -> dict:
+    """Read one case and `prepare` it (arrays for the batch, metadata with per-phase `seconds`); a bad case
+    comes back with `error` set and `placeholders` as its arrays (never raises). What every model kind's
+    prepare stage shares: the read, its time, the peak memory and the errors."""
     start = time.perf_counter()
     reset_peak_rss()
-    out = {"case_id": row["case_id"], "output": row["output"], "error": "", "meta_json": "{}",
-           "image": np.zeros((1, 1, 1), dtype=np.int16)}
+    out = {"case_id": row["case_id"], "output": row["output"], "error": "", "meta_json": "{}", **placeholders}
     try:
         volume = read_volume(row["image"], threads=threads)
         read_s = time.perf_counter() - start
-        prepared = prepare_volume(volume, cfg, threads)
-        warn_body_loss(row["case_id"], prepared.body_lost_fraction, cfg.body_lost_warn_fraction)
+        arrays, meta = prepare(volume)
         del volume
-        meta = prepared.metadata()
         meta["seconds"] = {"read": read_s, **meta["seconds"]}
         meta["prepare_s"] = time.perf_counter() - start
         meta["prepare_rss_mb"] = peak_rss_mb()
-        out.update(image=prepared.image_hu, meta_json=json.dumps(meta))
+        out.update(arrays, meta_json=json.dumps(meta))
     except (ImageReadError, ValueError) as err:
         out["error"] = str(CaseError(row["case_id"], str(err)))
     except Exception as err:  # one unexpected failure must not stop the folder
         out["error"] = f"case {row['case_id']}: unexpected {type(err).__name__}: {err}"
     return out
+
+
+def prepare_row(row: dict, preprocess_json: str, threads: int = 1) -> dict:
+    """Read and preprocess one case for a panseg model (`prepare_case_row`)."""
+    cfg = from_dict(PreprocessConfig, json.loads(preprocess_json))
+
+    def prepare(volume: Volume) -> tuple[dict[str, np.ndarray], dict]:
+        prepared = prepare_volume(volume, cfg, threads)
+        warn_body_loss(row["case_id"], prepared.body_lost_fraction, cfg.body_lost_warn_fraction)
+        return {"image": prepared.image_hu}, prepared.metadata()
+
+    return prepare_case_row(row, threads, {"image": np.zeros((1, 1, 1), dtype=np.int16)}, prepare)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -441,5 +452,5 @@ def _build_dataset(todo: list[CaseFiles], model_path: str, out_dir: Path, pcfg: 
 
 
 __all__ = ["ActorPlan", "CSV_COLUMNS", "CSV_NAME", "PredictorActor", "mask_model_id", "mask_notes", "model_id",
-           "output_path", "plan_actors", "plan_folder", "predict_folder", "prepare_row", "read_csv_rows",
+           "output_path", "plan_actors", "plan_folder", "predict_folder", "prepare_case_row", "prepare_row", "read_csv_rows",
            "remove_stale_masks", "reusable", "run_cases", "write_csv_rows"]

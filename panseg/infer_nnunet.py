@@ -24,14 +24,13 @@ import torch
 
 from panseg.config import InferConfig, from_dict, to_dict
 from panseg.infer import (CSV_NAME, ActorPlan, failed_row, mask_notes, output_path, plan_actors, plan_folder,
-                          prepare_memory_bytes, remove_stale_masks, write_csv_rows)
+                          prepare_case_row, prepare_memory_bytes, remove_stale_masks, write_csv_rows)
 from panseg.inference.nnunet_model import fold_checkpoints, load_nnunet_model, read_plan
 from panseg.inference.nnunet_predict import NNUNET_INFER, NnunetPredictor, lesion_labels
 from panseg.inference.nnunet_preprocess import NnunetPrepared, preprocess
 from panseg.inference.predictor import default_device, prediction_row
-from panseg.inference.resource_monitor import CaseUsage, peak_rss_mb, reset_peak_rss
-from panseg.io import ImageReadError, read_volume, write_volume
-from panseg.preprocessing.case import CaseError
+from panseg.inference.resource_monitor import CaseUsage
+from panseg.io import Volume, write_volume
 from panseg.ray_shell import Progress, collect_rows, ray_session
 
 _HASH_CHUNK = 2**20
@@ -53,26 +52,13 @@ def nnunet_model_id(folder: str | Path, folds: Sequence[str | int] | None, infer
 
 
 def prepare_nnunet_row(row: dict, folder: str, configuration: str, threads: int = 1) -> dict:
-    """Read and preprocess one case for the model; a bad case comes back with `error` set (never raises)."""
-    start = time.perf_counter()
-    reset_peak_rss()
-    out = {"case_id": row["case_id"], "output": row["output"], "error": "", "meta_json": "{}",
-           "data": np.zeros((1, 1, 1, 1), dtype=np.float32)}
-    try:
-        volume = read_volume(row["image"], threads=threads)
-        read_s = time.perf_counter() - start
+    """Read and preprocess one case as the model's plan says (`infer.prepare_case_row`)."""
+
+    def prepare(volume: Volume) -> tuple[dict[str, np.ndarray], dict]:
         prepared = preprocess(volume.array, volume.geometry, read_plan(folder, configuration), threads)
-        del volume
-        meta = prepared.metadata()
-        meta["seconds"] = {"read": read_s, **meta["seconds"]}
-        meta["prepare_s"] = time.perf_counter() - start
-        meta["prepare_rss_mb"] = peak_rss_mb()
-        out.update(data=prepared.data, meta_json=json.dumps(meta))
-    except (ImageReadError, ValueError) as err:
-        out["error"] = str(CaseError(row["case_id"], str(err)))
-    except Exception as err:  # one unexpected failure must not stop the folder
-        out["error"] = f"case {row['case_id']}: unexpected {type(err).__name__}: {err}"
-    return out
+        return {"data": prepared.data}, prepared.metadata()
+
+    return prepare_case_row(row, threads, {"data": np.zeros((1, 1, 1, 1), dtype=np.float32)}, prepare)
 
 
 class NnunetActor:

@@ -94,10 +94,16 @@ def format_verdict(scores: TestScores, minutes: float | None, val_cases: int, on
                      "these minutes of one longer run): "
                      + ", ".join(f"{m:g} min {pct(d)}" for m, d in curve))
     more = "" if on_gpu else ", or on a GPU, where the demo trains the same minutes in one process"
+    beats = next(((m, d) for m, d in curve if d > scores.empty_dsc), None)  # the curve's first point above empty
+    minutes_hint = "N"
+    if not above and beats is not None and not on_gpu:
+        minutes_hint = f"{beats[0]:g}"
+        lines.append(f"  on the measured curve a model first beats predicting nothing at {beats[0]:g} minutes "
+                     f"({pct(beats[1])} against {pct(scores.empty_dsc)})")
     lines.append(("  this run learnt more than predicting nothing. " if above else
                   "  this run is too short to beat predicting nothing. ")
-                 + f"For more, train longer: panseg demo --minutes N{more}; BENCHMARKS.md's time-to-accuracy "
-                 f"section (bench/learning.py) shows the DSC reached after how many minutes.")
+                 + f"For more, train longer: panseg demo --minutes {minutes_hint}{more}; BENCHMARKS.md's "
+                 f"time-to-accuracy section (bench/learning.py) shows the DSC reached after how many minutes.")
     return "\n".join(lines)
 
 

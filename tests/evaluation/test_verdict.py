@@ -43,7 +43,12 @@ def test_the_verdict_reports_the_numbers_of_its_csvs(tmp_path):
     assert "organ Dice (mean of the organs present): 0.50" in text
     assert "5 min 5.0%, 10 min 15.8%" in text
     assert "too short to beat predicting nothing" in text and "panseg demo --minutes N, or on a GPU" in text
-    assert "BENCHMARKS.md" in text
+    assert "BENCHMARKS.md" in text and "first beats" not in text  # no curve point is above 50%
+    # A curve that passes the empty prediction names the minutes that did, and the command to run them.
+    text = format_verdict(scores, minutes=12.0, val_cases=8, on_gpu=False,
+                          curve=[(10.0, 0.45), (20.0, 0.55), (40.0, 0.60)])
+    assert "on the measured curve a model first beats predicting nothing at 20 minutes (55.0% against 50.0%)" in text
+    assert "panseg demo --minutes 20, or on a GPU" in text
 
 
 def test_a_run_above_the_empty_prediction_says_so(tmp_path):
