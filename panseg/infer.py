@@ -195,19 +195,27 @@ class PredictorActor:
 
     def _predict_prepared(self, case_id: str, output: str, image_hu: np.ndarray, meta: dict) -> dict:
         prepared = PreparedCase.from_metadata(image_hu, meta)
-        with CaseUsage(self.predictor.device) as usage:
-            prediction = self.predictor.predict_prepared(prepared)
-            t0 = time.perf_counter()
-            write_volume(prediction.volume, output, notes=mask_notes(self.model_id) if self.model_id else None)
-            write_s = time.perf_counter() - t0
-        report = usage.report.as_row()
-        report["peak_rss_mb"] = max(report["peak_rss_mb"], round(meta.get("prepare_rss_mb", 0.0), 3))
-        row = prediction_row(case_id, output, prediction, {**prediction.seconds, "write": write_s}, report)
-        row.update(prepare_s=round(meta["prepare_s"], 3), predict_s=report["seconds"],
-                   seconds=round(meta["prepare_s"] + report["seconds"], 3), model_id=self.model_id)
+        row, prediction = predict_and_write(self.predictor, prepared, case_id, output, meta, self.model_id)
         if self.summarize is not None:
             row.update(self.summarize(prediction.volume))
         return row
+
+
+def predict_and_write(predictor, prepared, case_id: str, output: str, meta: dict, model_id: str | None):
+    """Predict a prepared case with any predictor that has `device` and `predict_prepared` (panseg's or an
+    nnU-Net model's), write its mask with `model_id` in the header, and return (the per-case CSV row with
+    the prepare, predict and write seconds and the peak memory of both stages, the prediction)."""
+    with CaseUsage(predictor.device) as usage:
+        prediction = predictor.predict_prepared(prepared)
+        t0 = time.perf_counter()
+        write_volume(prediction.volume, output, notes=mask_notes(model_id) if model_id else None)
+        write_s = time.perf_counter() - t0
+    report = usage.report.as_row()
+    report["peak_rss_mb"] = max(report["peak_rss_mb"], round(meta.get("prepare_rss_mb", 0.0), 3))
+    row = prediction_row(case_id, output, prediction, {**prediction.seconds, "write": write_s}, report)
+    row.update(prepare_s=round(meta["prepare_s"], 3), predict_s=report["seconds"],
+               seconds=round(meta["prepare_s"] + report["seconds"], 3), model_id=model_id)
+    return row, prediction
 
 
 # ----------------------------------------------------------------------------------------------
@@ -452,5 +460,5 @@ def _build_dataset(todo: list[CaseFiles], model_path: str, out_dir: Path, pcfg: 
 
 
 __all__ = ["ActorPlan", "CSV_COLUMNS", "CSV_NAME", "PredictorActor", "mask_model_id", "mask_notes", "model_id",
-           "output_path", "plan_actors", "plan_folder", "predict_folder", "prepare_case_row", "prepare_row", "read_csv_rows",
+           "output_path", "plan_actors", "plan_folder", "predict_and_write", "predict_folder", "prepare_case_row", "prepare_row", "read_csv_rows",
            "remove_stale_masks", "reusable", "run_cases", "write_csv_rows"]

@@ -15,7 +15,6 @@ import hashlib
 import json
 import math
 import os
-import time
 from pathlib import Path
 from typing import Sequence
 
@@ -23,14 +22,13 @@ import numpy as np
 import torch
 
 from panseg.config import InferConfig, from_dict, to_dict
-from panseg.infer import (CSV_NAME, ActorPlan, failed_row, mask_notes, output_path, plan_actors, plan_folder,
+from panseg.infer import (CSV_NAME, ActorPlan, failed_row, output_path, plan_actors, plan_folder, predict_and_write,
                           prepare_case_row, prepare_memory_bytes, remove_stale_masks, write_csv_rows)
 from panseg.inference.nnunet_model import fold_checkpoints, load_nnunet_model, read_plan
 from panseg.inference.nnunet_predict import NNUNET_INFER, NnunetPredictor, lesion_labels
 from panseg.inference.nnunet_preprocess import NnunetPrepared, preprocess
-from panseg.inference.predictor import default_device, prediction_row
-from panseg.inference.resource_monitor import CaseUsage
-from panseg.io import Volume, write_volume
+from panseg.inference.predictor import default_device
+from panseg.io import Volume
 from panseg.ray_shell import Progress, collect_rows, ray_session
 
 _HASH_CHUNK = 2**20
@@ -89,17 +87,7 @@ class NnunetActor:
             return failed_row(case_id, f"case {case_id}: prediction failed: {type(err).__name__}: {err}")
 
     def _predict_prepared(self, case_id: str, output: str, prepared: NnunetPrepared, meta: dict) -> dict:
-        with CaseUsage(self.predictor.device) as usage:
-            prediction = self.predictor.predict_prepared(prepared)
-            t0 = time.perf_counter()
-            write_volume(prediction.volume, output, notes=mask_notes(self.model_id) if self.model_id else None)
-            write_s = time.perf_counter() - t0
-        report = usage.report.as_row()
-        report["peak_rss_mb"] = max(report["peak_rss_mb"], round(meta.get("prepare_rss_mb", 0.0), 3))
-        row = prediction_row(case_id, output, prediction, {**prediction.seconds, "write": write_s}, report)
-        row.update(prepare_s=round(meta["prepare_s"], 3), predict_s=report["seconds"],
-                   seconds=round(meta["prepare_s"] + report["seconds"], 3), model_id=self.model_id)
-        return row
+        return predict_and_write(self.predictor, prepared, case_id, output, meta, self.model_id)[0]
 
 
 def predict_nnunet_folder(model_folder: str | Path, input_dir: str | Path, output_dir: str | Path,
