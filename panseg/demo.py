@@ -1,8 +1,9 @@
 """`panseg demo`: the method end to end on a synthetic cohort, on a laptop without a GPU.
 
 phantom cohort -> preprocess (Ray Data) -> train (one Ray Train worker with every CPU core, or one
-process on the GPU when there is one) -> predict the test cases -> evaluate with the FLARE rules against their partial labels and against
-the complete truth -> report.html -> a verdict. Each stage prints what it did and where it wrote it.
+process on the GPU when there is one) -> predict the test cases -> evaluate with the FLARE rules
+against their partial labels and against the complete truth -> report.html -> a verdict. Each stage
+prints what it did and where it wrote it.
 
 Three disjoint sets (`demo_split`, WORK/split.json): the test cases (the store's seeded held-out
 share, the same cases bench/learning.py scores its curve on), VAL_CASES validation cases drawn from
