@@ -160,15 +160,14 @@ def prepare_row(row: dict, preprocess_json: str, threads: int = 1) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
-class PredictorActor:
-    """Ray Data callable class: loads the model once, then predicts one prepared case per call."""
+class CaseActor:
+    """What every Ray Data predictor actor shares: one row per prepared case, the time it waited for that
+    case (`wait_s`, idle since its last case or since the model loaded), and a failed row, never an
+    exception, for a case that failed to prepare or to predict. A subclass loads its model in
+    `__init__` (as `self.predictor`, anything with a `device`), then calls `super().__init__()`, and
+    predicts in `_predict_item`."""
 
-    def __init__(self, model_path: str, infer_json: str | None = None, threads: int = 1,
-                 summarize: Summarize | None = None, model_id: str | None = None) -> None:
-        infer = from_dict(InferConfig, json.loads(infer_json)) if infer_json else None
-        self.predictor = load_predictor(model_path, infer=infer, threads=threads)
-        self.summarize = summarize
-        self.model_id = model_id  # into each mask's header and row (see `reusable`)
+    def __init__(self) -> None:
         self._idle_since = time.perf_counter()  # the model is loaded: from now on the actor waits for input
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -186,12 +185,30 @@ class PredictorActor:
         if error:
             return failed_row(case_id, error)
         try:
-            return self._predict_prepared(case_id, str(item["output"]), np.asarray(item["image"]),
-                                          json.loads(str(item["meta_json"])))
+            return self._predict_item(case_id, str(item["output"]), item, json.loads(str(item["meta_json"])))
         except Exception as err:  # e.g. out of memory on one huge case: record it, go on
             if self.predictor.device.type == "cuda":
                 torch.cuda.empty_cache()  # what the failed case held must not starve the next one
             return failed_row(case_id, f"case {case_id}: prediction failed: {type(err).__name__}: {err}")
+
+    def _predict_item(self, case_id: str, output: str, item: dict, meta: dict) -> dict:
+        """Predict one prepared case (`item` holds its arrays) and write its mask; the CSV row."""
+        raise NotImplementedError
+
+
+class PredictorActor(CaseActor):
+    """Ray Data callable class: loads the model once, then predicts one prepared case per call."""
+
+    def __init__(self, model_path: str, infer_json: str | None = None, threads: int = 1,
+                 summarize: Summarize | None = None, model_id: str | None = None) -> None:
+        infer = from_dict(InferConfig, json.loads(infer_json)) if infer_json else None
+        self.predictor = load_predictor(model_path, infer=infer, threads=threads)
+        self.summarize = summarize
+        self.model_id = model_id  # into each mask's header and row (see `reusable`)
+        super().__init__()
+
+    def _predict_item(self, case_id: str, output: str, item: dict, meta: dict) -> dict:
+        return self._predict_prepared(case_id, output, np.asarray(item["image"]), meta)
 
     def _predict_prepared(self, case_id: str, output: str, image_hu: np.ndarray, meta: dict) -> dict:
         prepared = PreparedCase.from_metadata(image_hu, meta)
@@ -459,6 +476,7 @@ def _build_dataset(todo: list[CaseFiles], model_path: str, out_dir: Path, pcfg: 
                                                  "model_id": model_id})
 
 
-__all__ = ["ActorPlan", "CSV_COLUMNS", "CSV_NAME", "PredictorActor", "mask_model_id", "mask_notes", "model_id",
-           "output_path", "plan_actors", "plan_folder", "predict_and_write", "predict_folder", "prepare_case_row", "prepare_row", "read_csv_rows",
-           "remove_stale_masks", "reusable", "run_cases", "write_csv_rows"]
+__all__ = ["ActorPlan", "CSV_COLUMNS", "CSV_NAME", "CaseActor", "PredictorActor", "mask_model_id", "mask_notes",
+           "model_id", "output_path", "plan_actors", "plan_folder", "predict_and_write", "predict_folder",
+           "prepare_case_row", "prepare_row", "read_csv_rows", "remove_stale_masks", "reusable", "run_cases",
+           "write_csv_rows"]

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from panseg.config import InferConfig, from_dict, to_dict
-from panseg.infer import (CSV_NAME, ActorPlan, failed_row, output_path, plan_actors, plan_folder, predict_and_write,
+from panseg.infer import (CSV_NAME, ActorPlan, CaseActor, output_path, plan_actors, plan_folder, predict_and_write,
                           prepare_case_row, prepare_memory_bytes, remove_stale_masks, write_csv_rows)
 from panseg.inference.nnunet_model import fold_checkpoints, load_nnunet_model, read_plan
 from panseg.inference.nnunet_predict import NNUNET_INFER, NnunetPredictor, lesion_labels
@@ -59,7 +59,7 @@ def prepare_nnunet_row(row: dict, folder: str, configuration: str, threads: int 
     return prepare_case_row(row, threads, {"data": np.zeros((1, 1, 1, 1), dtype=np.float32)}, prepare)
 
 
-class NnunetActor:
+class NnunetActor(CaseActor):
     """Ray Data callable class: loads the model's folds once, then predicts one prepared case per call."""
 
     def __init__(self, folder: str, folds: list[str] | None, infer_json: str, threads: int = 1,
@@ -68,23 +68,11 @@ class NnunetActor:
         infer = from_dict(InferConfig, json.loads(infer_json))
         self.predictor = NnunetPredictor(load_nnunet_model(folder, folds), infer, default_device(), threads)
         self.model_id = model_id
+        super().__init__()
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        rows = [self._predict_one({key: batch[key][i] for key in batch}) for i in range(len(batch["case_id"]))]
-        return {"row_json": np.array([json.dumps(r) for r in rows], dtype=object)}
-
-    def _predict_one(self, item: dict) -> dict:
-        case_id, error = str(item["case_id"]), str(item["error"])
-        if error:
-            return failed_row(case_id, error)
-        try:
-            meta = json.loads(str(item["meta_json"]))
-            prepared = NnunetPrepared.from_metadata(np.array(item["data"], dtype=np.float32), meta)
-            return self._predict_prepared(case_id, str(item["output"]), prepared, meta)
-        except Exception as err:  # e.g. out of memory on one huge case: record it, go on
-            if self.predictor.device.type == "cuda":
-                torch.cuda.empty_cache()
-            return failed_row(case_id, f"case {case_id}: prediction failed: {type(err).__name__}: {err}")
+    def _predict_item(self, case_id: str, output: str, item: dict, meta: dict) -> dict:
+        prepared = NnunetPrepared.from_metadata(np.array(item["data"], dtype=np.float32), meta)
+        return self._predict_prepared(case_id, output, prepared, meta)
 
     def _predict_prepared(self, case_id: str, output: str, prepared: NnunetPrepared, meta: dict) -> dict:
         return predict_and_write(self.predictor, prepared, case_id, output, meta, self.model_id)[0]

@@ -200,6 +200,7 @@ def test_nnunet_predict_resumes_and_redoes_other_settings(nnunet_runs, ray_local
     assert "1 predicted, 0 already there" in capsys.readouterr().out
     second = read_csv_rows(tmp_path / "predictions.csv")["case_0"]
     assert second["status"] == "ok" and second["model_id"].startswith("sha256:") and second["model_id"] != first
+    assert float(second["wait_s"]) >= 0.0  # the actor's wait for its input, as for panseg models (infer.CaseActor)
 
 
 @pytest.mark.parametrize("scheme,use_mask", [("ZScoreNormalization", True), ("ZScoreNormalization", False),
