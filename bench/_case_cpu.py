@@ -13,7 +13,8 @@ Inputs (written once into a temporary folder):
 
 Today's code: `io.from_sitk(io.read_sitk(path))` (SimpleITK reads .nii.gz); the crop of the paper preset
 (`largest_component`, with the body guard); the body as today's full-resolution cc3d labelling
-(`crop._largest_component`). New: `io.read_volume` (ISA-L igzip), `crop_method: body` (coarse box).
+(`crop._largest_component`); ITK writes the mask (.nii.gz, zlib). New: `io.read_volume` (ISA-L igzip),
+`crop_method: body` (coarse box), `io.write_volume` (ISA-L gzip of ITK's NIfTI).
 """
 
 from __future__ import annotations
@@ -93,11 +94,15 @@ def infer_rows(path: Path, out_dir: Path, repeats: int) -> dict:
     """The prepare of predict (read -> crop -> resample -> clip) and paste back -> write, today's against new.
 
     The network's label map is stood in for by the resampled image > 100 HU (a mask of the size a
-    prediction has); paste back + write is the same code either way, timed after each crop.
+    prediction has); paste back is the same code either way, timed after each crop; today's write is
+    ITK's .nii.gz writer (zlib), the new one `io.write_volume` (ITK's NIfTI gzipped by ISA-L). The row
+    `write_mask` writes the same pasted-back mask both ways.
     """
     from panseg.config import preset
     from panseg.inference.predictor import prepare_volume, restore_labels
-    from panseg.io import from_sitk, read_sitk, read_volume, write_volume
+    import SimpleITK as sitk
+
+    from panseg.io import from_sitk, read_sitk, read_volume, to_sitk, write_volume
 
     paper = replace(preset("paper").preprocess, body_lost_warn_fraction=1.0)
     body = replace(paper, crop_method="body")
@@ -107,10 +112,18 @@ def infer_rows(path: Path, out_dir: Path, repeats: int) -> dict:
     prepared = {"today": prepare_volume(read_volume(path), paper), "new": prepare_volume(read_volume(path), body)}
     labels = {k: (p.image_hu > 100).astype(np.uint8) for k, p in prepared.items()}
 
-    def paste_write(which: str):
-        return lambda: write_volume(restore_labels(labels[which], prepared[which]), out_dir / f"{which}.nii.gz")
+    def itk_write(volume, path: Path) -> None:  # today's write_volume: ITK's own zlib
+        sitk.WriteImage(to_sitk(volume), str(path), True)
 
-    _pairs(rows, "paste_back_write", paste_write("today"), paste_write("new"), repeats)
+    def paste_write(which: str, write):
+        return lambda: write(restore_labels(labels[which], prepared[which]), out_dir / f"{which}.nii.gz")
+
+    mask = restore_labels(labels["new"], prepared["new"])
+    _pairs(rows, "write_mask", lambda: itk_write(mask, out_dir / "itk.nii.gz"),
+           lambda: write_volume(mask, out_dir / "isal.nii.gz"), repeats)
+    rows["mask_file_bytes"] = {"today": (out_dir / "itk.nii.gz").stat().st_size,
+                               "new": (out_dir / "isal.nii.gz").stat().st_size}
+    _pairs(rows, "paste_back_write", paste_write("today", itk_write), paste_write("new", write_volume), repeats)
     rows["resampled_shape_zyx"] = {k: list(p.resampled.shape_zyx) for k, p in prepared.items()}
     rows["cpu_side_total_s"] = {k: round(rows["prepare"][k]["wall_s"] + rows["paste_back_write"][k]["wall_s"], 4)
                                 for k in ("today", "new")}

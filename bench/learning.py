@@ -3,6 +3,10 @@
     python bench/learning.py --work /tmp/learning --minutes 120 --recipe panseg   # >= 2 h, nothing else running
     python bench/learning.py --work /tmp/learning --minutes 40 --recipe monai     # the peer, same store and split
     python bench/learning.py --work /tmp/lq --minutes 2 --snapshots 1 2 --cases 6 --healthy 2   # a rehearsal
+    # levers (issue 17), each beside its baseline measured in the same session:
+    python bench/learning.py --work /tmp/learning --minutes 10 --snapshots 5 10 --name panseg_10min
+    python bench/learning.py --work /tmp/learning --minutes 10 --snapshots 5 10 --organ-minutes 10 \
+        --name panseg_10min_init_organs10
 
 Cohort: the demo's (`panseg demo` defaults: 120 phantoms with lesions + 16 healthy, seed 0, small
 phantoms), written once into WORK/raw and WORK/truth, preprocessed with the demo's preprocessing
@@ -15,7 +19,12 @@ Recipes (each trains once, for `--minutes` of wall-clock training, keeping the m
 - `panseg`: `panseg.demo.demo_config` (tiny U-Net, lr 1e-2 AdamW, tumor weight 5 and sampling ratio
   5, no augmentation, `train.lr_schedule=poly_time` over `--minutes`) with `train.snapshot_minutes`,
   in one process with the machine's threads (`train_local`; the demo runs the same in one Ray Train
-  worker holding every CPU).
+  worker holding every CPU). `--set KEY=VALUE` changes it (a lever); `--name` keeps the result apart.
+- `--organ-minutes M` (the lever `train.init_from`): stage one first, an organ model of the same
+  network trained for M minutes (`poly_time`, no validation) on an organ cohort of `--organ-cases`
+  phantoms (complete organs, no tumor, seed 1000: none is a tumor case) in WORK/organ_store.zarr; the
+  tumor model then starts from its weights. The method trains that organ model anyway (it makes the
+  organ pseudo-labels), so its minutes are written beside the curve, not on its axis.
 - `monai`: the peer of issue 17 (bench extra): MONAI's DynUNet (8-16-32-64), DiceCELoss,
   RandCropByLabelClassesd (tumor 5x each organ), AdamW 1e-2 with poly decay over the same time, on
   the same store, split, patch (32x64x64) and batch (2). Its snapshots are predicted by panseg's own
@@ -45,7 +54,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from panseg.config import TUMOR_ID
+from panseg.config import TUMOR_ID, PansegConfig, apply_overrides
 from panseg.demo import DEFAULT_CASES, DEFAULT_HEALTHY, demo_config
 from panseg.evaluation.folders import evaluate_folders
 from panseg.evaluation.lesions import score_cases
@@ -94,16 +103,43 @@ def demo_split(work: Path, store: Path) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
-def train_panseg(work: Path, store: Path, minutes: float, snapshots: tuple[float, ...]) -> Path:
-    """The panseg recipe (module docstring); returns the run directory."""
-    run = work / "runs" / "panseg"
-    if run.exists():
-        shutil.rmtree(run)
+def panseg_recipe(minutes: float, snapshots: tuple[float, ...] = (), overrides: tuple[str, ...] = ()) -> PansegConfig:
+    """The panseg recipe's config (module docstring), `--set` overrides applied last."""
     cfg = demo_config(minutes=minutes)  # poly_time over `minutes`, the clock ends training
     tcfg = replace(cfg.train, snapshot_minutes=tuple(float(m) for m in snapshots),
                    val_every_epochs=100_000, checkpoint_every_epochs=20)
-    job = make_job(replace(cfg, train=tcfg), str(store), str(run), split_file=str(work / "split.json"))
+    return apply_overrides(replace(cfg, train=tcfg), overrides=overrides)
+
+
+def train_panseg(work: Path, store: Path, name: str, cfg: PansegConfig) -> Path:
+    """Train the panseg recipe `cfg` in WORK/runs/NAME (replaced); returns the run directory."""
+    run = work / "runs" / name
+    if run.exists():
+        shutil.rmtree(run)
+    job = make_job(cfg, str(store), str(run), split_file=str(work / "split.json"))
     train_local(job)
+    return run
+
+
+def train_organ_model(work: Path, minutes: float, cases: int, workers: int) -> Path:
+    """Stage one for `--organ-minutes`: an organ model of the recipe's network, trained for `minutes` on an
+    organ cohort (complete organ labels, no tumor; seed 1000, so no case is a tumor case) in WORK/organ_raw,
+    WORK/organ_store.zarr and WORK/runs/organs_<M>min. A finished run is reused."""
+    run = work / "runs" / f"organs_{minutes:g}min"
+    if (run / "model_final").exists():
+        return run
+    raw, store = work / "organ_raw", work / "organ_store.zarr"
+    cfg = panseg_recipe(minutes, overrides=("preprocess.task=organs",))
+    if not (store / MANIFEST).exists():
+        if raw.exists():
+            shutil.rmtree(raw)
+        write_cohort(raw, cases=cases, healthy=0, seed=1000, small=True, organ_cohort=True, workers=workers)
+        if store.exists():
+            shutil.rmtree(store)
+        store_cohort(raw, store, cfg.preprocess, workers)
+    if run.exists():
+        shutil.rmtree(run)
+    train_local(make_job(cfg, str(store), str(run)))
     return run
 
 
@@ -220,6 +256,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--recipe", choices=("panseg", "monai"), default="panseg")
+    parser.add_argument("--name", help="the curve's name in learning.json and WORK/runs (default: the recipe)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="panseg recipe: a config override, e.g. train.lr=0.02 (repeatable)")
+    parser.add_argument("--organ-minutes", type=float,
+                        help="panseg recipe: first train a stage-one organ model for this many minutes on an organ "
+                             "cohort, then start the tumor model from it (train.init_from); its minutes are not on "
+                             "the curve's axis")
+    parser.add_argument("--organ-cases", type=int, default=40, help="the organ cohort's size (--organ-minutes)")
     parser.add_argument("--minutes", type=float, default=120.0)
     parser.add_argument("--snapshots", type=float, nargs="+", default=list(DEFAULT_SNAPSHOTS))
     parser.add_argument("--cases", type=int, default=DEFAULT_CASES)
@@ -227,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--score-only", action="store_true", help="score the snapshots of an earlier run again")
     parser.add_argument("--no-merge", action="store_true", help="leave bench/results alone (rehearsals)")
     args = parser.parse_args(argv)
+    if args.recipe != "panseg" and (args.overrides or args.organ_minutes is not None):
+        parser.error("--set and --organ-minutes change the panseg recipe only")
     snapshots = tuple(sorted(m for m in args.snapshots if m <= args.minutes))
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
@@ -239,35 +285,50 @@ def main(argv: list[str] | None = None) -> int:
     print(f"cohort ready in {time.perf_counter() - started:.0f} s: {len(split['train'])} training, "
           f"{len(test_ids)} test cases", flush=True)
 
-    run = work / "runs" / args.recipe
+    name = args.name or args.recipe
+    run = work / "runs" / name
+    init_from = None
+    if args.recipe == "panseg":
+        overrides = tuple(args.overrides)
+        if args.organ_minutes is not None:
+            t0 = time.perf_counter()
+            init_from = train_organ_model(work, args.organ_minutes, args.organ_cases,
+                                          workers=min(2, os.cpu_count() or 1))
+            print(f"organ model ready in {time.perf_counter() - t0:.0f} s: {init_from}", flush=True)
+            overrides += (f"train.init_from={init_from}",)
+        cfg = panseg_recipe(args.minutes, snapshots, overrides)
     if not args.score_only:
         t0 = time.perf_counter()
         if args.recipe == "panseg":
-            train_panseg(work, store, args.minutes, snapshots)
+            train_panseg(work, store, name, cfg)
         else:
             from bench.learning_monai import train_monai
 
             train_monai(work, store, split, args.minutes, snapshots)
-        print(f"trained {args.recipe} in {time.perf_counter() - t0:.0f} s", flush=True)
+        print(f"trained {name} in {time.perf_counter() - t0:.0f} s", flush=True)
 
     points = []
     for info, folder in snapshot_dirs(run):
         t0 = time.perf_counter()
         scores = score_snapshot(load_snapshot(args.recipe, folder, threads), work, test_ids,
-                                work / "scored" / args.recipe / folder.name)
+                                work / "scored" / name / folder.name)
         point = {"minutes": info["minutes"], "elapsed_minutes": round(info["elapsed_seconds"] / 60, 2),
                  "steps": info["steps"], **scores}
         points.append(point)
         print(json.dumps(point), f"(scored in {time.perf_counter() - t0:.0f} s)", flush=True)
-    curve = {"machine": {**machine_facts(), "recipe": args.recipe, "minutes": args.minutes,
-                         "train_loss_last": (read_metrics(run) or [{}])[-1].get("train_loss")},
-             "empty_prediction_dsc": round(empty_prediction_dsc(work, test_ids), 4),
-             "recipes": {args.recipe: points}}
-    (work / f"learning_{args.recipe}.json").write_text(json.dumps(curve, indent=2) + "\n")
+    machine = {**machine_facts(), "recipe": args.recipe, "minutes": args.minutes,
+               "train_loss_last": (read_metrics(run) or [{}])[-1].get("train_loss")}
+    if args.overrides:
+        machine["overrides"] = list(args.overrides)
+    if init_from is not None:
+        machine.update(init_from=str(init_from), organ_minutes=args.organ_minutes, organ_cases=args.organ_cases)
+    curve = {"machine": machine, "empty_prediction_dsc": round(empty_prediction_dsc(work, test_ids), 4),
+             "recipes": {name: points}}
+    (work / f"learning_{name}.json").write_text(json.dumps(curve, indent=2) + "\n")
     if not args.no_merge:
         merged = merge_results(curve)
         plot(merged)
-    print(f"wrote {work / f'learning_{args.recipe}.json'}", flush=True)
+    print(f"wrote {work / f'learning_{name}.json'}", flush=True)
     return 0
 
 

@@ -56,6 +56,9 @@ CSV_COLUMNS = (
 _HASH_CHUNK = 2**20
 _NOTES_PREFIX = "panseg model "
 _MAX_CPUS_PER_ACTOR = 8  # a CPU U-Net gains little from more threads than this
+# Cases in preparation per GPU actor: a 300-slice CT's CPU side (~0.8 s on one core) against the H200's
+# ~0.30 s network needs ~3 at once; 4 leaves room for larger cases (`plan_actors`).
+_PREPARE_TASKS_PER_GPU_ACTOR = 4
 # Memory of a prepare task: the worker process itself (Python, numpy, torch, SimpleITK: ~300 MB RSS),
 # plus per input voxel the stored CT, float32 resampling passes and the int16 result (as data_pipeline's
 # estimate for training preprocessing, which does the same steps).
@@ -82,7 +85,10 @@ def plan_actors(total_cpus: float, total_gpus: float, use_gpu: bool) -> ActorPla
     prepare tasks, so reading never waits for CPUs the actors hold: on a one-CPU Ray the actor and one
     prepare task get half a CPU each (Ray's CPUs are reservations; both run, sharing the core).
 
-    Prepare tasks are capped at twice the actors (at least 1), so at most a few cases wait in memory.
+    Prepare tasks are capped at `_PREPARE_TASKS_PER_GPU_ACTOR` per GPU actor and twice the CPU actors (at
+    least 1), so at most a few cases wait in memory. A GPU predicts a case in a fraction of the CPU
+    seconds its reading, crop and resampling take (BENCHMARKS.md: 0.30 s on an H200 against 0.5-0.8 s
+    on one core), so it needs several cases in preparation at once to be the bottleneck.
     """
     if total_cpus <= 0:
         raise ValueError("the Ray cluster has no CPU: prediction needs at least part of one for reading cases")
@@ -99,7 +105,8 @@ def plan_actors(total_cpus: float, total_gpus: float, use_gpu: bool) -> ActorPla
         per_actor, actors, gpus = cpus / 2, 1, 0.0
     free = cpus - actors * per_actor
     per_prepare = round(min(1.0, free), 3)
-    tasks = max(1, min(int(free / per_prepare + 1e-9), 2 * actors, int(cpus) or 1))
+    per_actor_tasks = _PREPARE_TASKS_PER_GPU_ACTOR if use_gpu else 2
+    tasks = max(1, min(int(free / per_prepare + 1e-9), per_actor_tasks * actors, int(cpus) or 1))
     return ActorPlan(actors, per_actor, gpus, tasks, per_prepare)
 
 

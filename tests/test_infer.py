@@ -25,6 +25,10 @@ def test_actor_plan_leaves_cpus_for_reading():
     assert cpu64.cpus_per_actor == 8 and cpu64.actors * 8 < 64
     gpu4 = plan_actors(32, 4, use_gpu=True)
     assert (gpu4.actors, gpu4.gpus_per_actor, gpu4.cpus_per_actor) == (4, 1.0, 1.0)
+    # A GPU node keeps 4 cases in preparation per GPU (a CPU one 2 per actor), as its free CPUs allow.
+    assert gpu4.prepare_tasks == 16 and plan_actors(16, 1, use_gpu=True).prepare_tasks == 4
+    assert plan_actors(4, 1, use_gpu=True).prepare_tasks == 3  # 3 CPUs left beside the actor's
+    assert plan_actors(16, 0, use_gpu=False).prepare_tasks == 2
     with pytest.raises(ValueError, match="needs a GPU"):
         plan_actors(8, 0, use_gpu=True)
     # Reading never waits for CPUs the actors hold: every plan leaves room for a prepare task.

@@ -1,4 +1,5 @@
-"""The ISA-L read of .nii.gz gives exactly SimpleITK's volume, or hands the file to SimpleITK."""
+"""The ISA-L read of .nii.gz gives exactly SimpleITK's volume, or hands the file to SimpleITK; the ISA-L write
+gives exactly the NIfTI ITK writes."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from panseg.io import ImageReadError, Volume, _read_nifti_gz, from_sitk, read_volume, write_volume
+from panseg.io import ImageReadError, Volume, _read_nifti_gz, from_sitk, read_notes, read_volume, to_sitk, write_volume
 
 _a = np.deg2rad(25.0)
 ROTATED = (np.cos(_a), -np.sin(_a), 0.0, np.sin(_a), np.cos(_a), 0.0, 0.0, 0.0, -1.0)
@@ -91,3 +92,17 @@ def test_truncated_and_nan_files_are_clear_errors(tmp_path):
     broken.write_bytes(path.read_bytes()[:30])
     with pytest.raises(ImageReadError, match="broken.nii.gz could not be read"):
         read_volume(broken)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int16, np.float32])
+def test_written_nii_gz_inflates_to_the_nifti_itk_writes(tmp_path, dtype):
+    rng = np.random.default_rng(1)
+    volume = Volume((rng.normal(0, 50, size=(6, 10, 12))).astype(dtype), (2.5, 0.7, 0.9), (-10.5, 20.25, 300.0), ROTATED)
+    path = write_volume(volume, tmp_path / "out" / "mask.nii.gz", notes="panseg model 0123abcd")
+    image = to_sitk(volume)
+    image.SetMetaData("ITK_FileNotes", "panseg model 0123abcd")
+    sitk.WriteImage(image, str(tmp_path / "itk.nii"), False)
+    assert gzip.decompress(path.read_bytes()) == (tmp_path / "itk.nii").read_bytes()  # header and voxels
+    assert read_notes(path) == "panseg model 0123abcd"
+    assert_same_as_simpleitk(path, read_volume(path))
+    assert [p.name for p in path.parent.iterdir()] == ["mask.nii.gz"]  # no temporary left beside it
