@@ -9,7 +9,7 @@ Inputs (written once into a temporary folder):
     phantom   one realistic phantom case (`phantom.cohort.make_case('case_000', 0, small=False,
               weak=False)`: 168 x 512 x 512 int16 at 4 x 0.86 x 0.86 mm), as .nii.gz
     ct300     the same phantom tiled along z to 300 x 512 x 512 at 2.5 x 0.86 x 0.86 mm (the issue's
-              300-slice CT), as .nii.gz
+              300-slice CT), as .nii.gz (both written by ITK's zlib)
 
 Today's code: `io.from_sitk(io.read_sitk(path))` (SimpleITK reads .nii.gz); the crop of the paper preset
 (`largest_component`, with the body guard); the body as today's full-resolution cc3d labelling
@@ -29,16 +29,20 @@ import numpy as np
 
 
 def write_inputs(folder: Path) -> dict[str, Path]:
-    """The phantom case and its 300-slice tiling as .nii.gz files (see the module docstring)."""
-    from panseg.io import Volume, write_volume
+    """The phantom case and its 300-slice tiling as .nii.gz files (see the module docstring), compressed by
+    ITK's zlib as scanners' converters and public datasets write them (not by panseg's faster writer)."""
+    import SimpleITK as sitk
+
+    from panseg.io import Volume, to_sitk
     from panseg.phantom.cohort import make_case
 
     ct = make_case("case_000", 0, healthy=False, small=False, weak=False).ct
-    paths = {"phantom": write_volume(ct, folder / "phantom_0000.nii.gz")}
     tiled = np.concatenate([ct.array, ct.array[: 300 - ct.array.shape[0]]])
-    spacing = (2.5, *ct.spacing_zyx_mm[1:])
-    paths["ct300"] = write_volume(Volume(tiled, spacing, ct.origin_xyz_mm, ct.direction_xyz),
-                                  folder / "ct300_0000.nii.gz")
+    volumes = {"phantom": ct, "ct300": Volume(tiled, (2.5, *ct.spacing_zyx_mm[1:]), ct.origin_xyz_mm, ct.direction_xyz)}
+    paths = {}
+    for name, volume in volumes.items():
+        paths[name] = folder / f"{name}_0000.nii.gz"
+        sitk.WriteImage(to_sitk(volume), str(paths[name]), True)
     return paths
 
 
