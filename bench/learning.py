@@ -22,7 +22,7 @@ Recipes (each trains once, for `--minutes` of wall-clock training, keeping the m
   worker holding every CPU). `--set KEY=VALUE` changes it (a lever); `--name` keeps the result apart.
 - `--organ-minutes M` (the lever `train.init_from`): stage one first, an organ model of the same
   network trained for M minutes (`poly_time`, no validation) on an organ cohort of `--organ-cases`
-  phantoms (complete organs, no tumor, seed 1000: none is a tumor case) in WORK/organ_store.zarr; the
+  phantoms (complete organs, no tumor, seed 1000: none is a tumor case) in WORK/organ_store_<N>.zarr; the
   tumor model then starts from its weights. The method trains that organ model anyway (it makes the
   organ pseudo-labels), so its minutes are written beside the curve, not on its axis.
 - `monai`: the peer of issue 17 (bench extra): MONAI's DynUNet (8-16-32-64), DiceCELoss,
@@ -123,12 +123,13 @@ def train_panseg(work: Path, store: Path, name: str, cfg: PansegConfig) -> Path:
 
 def train_organ_model(work: Path, minutes: float, cases: int, workers: int) -> Path:
     """Stage one for `--organ-minutes`: an organ model of the recipe's network, trained for `minutes` on an
-    organ cohort (complete organ labels, no tumor; seed 1000, so no case is a tumor case) in WORK/organ_raw,
-    WORK/organ_store.zarr and WORK/runs/organs_<M>min. A finished run is reused."""
-    run = work / "runs" / f"organs_{minutes:g}min"
+    organ cohort of `cases` (complete organ labels, no tumor; seed 1000, so no case is a tumor case) in
+    WORK/organ_raw_<N>, WORK/organ_store_<N>.zarr and WORK/runs/organs_<N>cases_<M>min. A finished run
+    is reused."""
+    run = work / "runs" / f"organs_{cases}cases_{minutes:g}min"
     if (run / "model_final").exists():
         return run
-    raw, store = work / "organ_raw", work / "organ_store.zarr"
+    raw, store = work / f"organ_raw_{cases}", work / f"organ_store_{cases}.zarr"
     cfg = panseg_recipe(minutes, overrides=("preprocess.task=organs",))
     if not (store / MANIFEST).exists():
         if raw.exists():
