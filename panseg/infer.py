@@ -59,6 +59,7 @@ _MAX_CPUS_PER_ACTOR = 8  # a CPU U-Net gains little from more threads than this
 # Cases in preparation per GPU actor: a 300-slice CT's CPU side (~0.8 s on one core) against the H200's
 # ~0.30 s network needs ~3 at once; 4 leaves room for larger cases (`plan_actors`).
 _PREPARE_TASKS_PER_GPU_ACTOR = 4
+_PREPARE_TASKS_PER_CPU_ACTOR = 2  # on CPU the network (tens of seconds a case) is the slow stage
 # Memory of a prepare task: the worker process itself (Python, numpy, torch, SimpleITK: ~300 MB RSS),
 # plus per input voxel the stored CT, float32 resampling passes and the int16 result (as data_pipeline's
 # estimate for training preprocessing, which does the same steps).
@@ -85,10 +86,11 @@ def plan_actors(total_cpus: float, total_gpus: float, use_gpu: bool) -> ActorPla
     prepare tasks, so reading never waits for CPUs the actors hold: on a one-CPU Ray the actor and one
     prepare task get half a CPU each (Ray's CPUs are reservations; both run, sharing the core).
 
-    Prepare tasks are capped at `_PREPARE_TASKS_PER_GPU_ACTOR` per GPU actor and twice the CPU actors (at
-    least 1), so at most a few cases wait in memory. A GPU predicts a case in a fraction of the CPU
-    seconds its reading, crop and resampling take (BENCHMARKS.md: 0.30 s on an H200 against 0.5-0.8 s
-    on one core), so it needs several cases in preparation at once to be the bottleneck.
+    Prepare tasks are capped at `_PREPARE_TASKS_PER_GPU_ACTOR` per GPU actor and
+    `_PREPARE_TASKS_PER_CPU_ACTOR` per CPU actor (at least 1), so at most a few cases wait in memory. A
+    GPU predicts a case in a fraction of the CPU seconds its reading, crop and resampling take
+    (BENCHMARKS.md: 0.30 s on an H200 against 0.5-0.8 s on one core), so it needs several cases in
+    preparation at once to be the bottleneck.
     """
     if total_cpus <= 0:
         raise ValueError("the Ray cluster has no CPU: prediction needs at least part of one for reading cases")
@@ -105,7 +107,7 @@ def plan_actors(total_cpus: float, total_gpus: float, use_gpu: bool) -> ActorPla
         per_actor, actors, gpus = cpus / 2, 1, 0.0
     free = cpus - actors * per_actor
     per_prepare = round(min(1.0, free), 3)
-    per_actor_tasks = _PREPARE_TASKS_PER_GPU_ACTOR if use_gpu else 2
+    per_actor_tasks = _PREPARE_TASKS_PER_GPU_ACTOR if use_gpu else _PREPARE_TASKS_PER_CPU_ACTOR
     tasks = max(1, min(int(free / per_prepare + 1e-9), per_actor_tasks * actors, int(cpus) or 1))
     return ActorPlan(actors, per_actor, gpus, tasks, per_prepare)
 
@@ -215,10 +217,7 @@ class PredictorActor(CaseActor):
         super().__init__()
 
     def _predict_item(self, case_id: str, output: str, item: dict, meta: dict) -> dict:
-        return self._predict_prepared(case_id, output, np.asarray(item["image"]), meta)
-
-    def _predict_prepared(self, case_id: str, output: str, image_hu: np.ndarray, meta: dict) -> dict:
-        prepared = PreparedCase.from_metadata(image_hu, meta)
+        prepared = PreparedCase.from_metadata(np.asarray(item["image"]), meta)
         row, prediction = predict_and_write(self.predictor, prepared, case_id, output, meta, self.model_id)
         if self.summarize is not None:
             row.update(self.summarize(prediction.volume))

@@ -72,9 +72,6 @@ class NnunetActor(CaseActor):
 
     def _predict_item(self, case_id: str, output: str, item: dict, meta: dict) -> dict:
         prepared = NnunetPrepared.from_metadata(np.array(item["data"], dtype=np.float32), meta)
-        return self._predict_prepared(case_id, output, prepared, meta)
-
-    def _predict_prepared(self, case_id: str, output: str, prepared: NnunetPrepared, meta: dict) -> dict:
         return predict_and_write(self.predictor, prepared, case_id, output, meta, self.model_id)[0]
 
 
