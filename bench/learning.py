@@ -7,6 +7,8 @@
     python bench/learning.py --work /tmp/learning --minutes 10 --snapshots 5 10 --name panseg_10min
     python bench/learning.py --work /tmp/learning --minutes 10 --snapshots 5 10 --organ-minutes 10 \
         --name panseg_10min_init_organs10
+    python bench/learning.py --work /tmp/learning --minutes 120 --organ-minutes 10 --name panseg_init_organs10
+    # then which lesions a curve's snapshots find: python bench/lesion_recall.py --work /tmp/learning --run NAME
 
 Cohort: the demo's (`panseg demo` defaults: 120 phantoms with lesions + 16 healthy, seed 0, small
 phantoms), written once into WORK/raw and WORK/truth, preprocessed with the demo's preprocessing
@@ -229,6 +231,9 @@ def merge_results(curve: dict, path: Path = RESULTS / "learning.json") -> dict:
     return merged
 
 
+SHORT_BUDGET_MINUTES = 20  # curves that end by here are drawn in their own panel (the levers)
+
+
 def plot(results: dict, path: Path = RESULTS / "learning.png") -> Path | None:
     try:
         import matplotlib
@@ -238,15 +243,22 @@ def plot(results: dict, path: Path = RESULTS / "learning.png") -> Path | None:
     except ImportError:
         print("learning.png skipped: matplotlib is not installed (the viz extra)")
         return None
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for name, points in sorted(results["recipes"].items()):
-        ax.plot([p["minutes"] for p in points], [100 * p["tumor_dsc"] for p in points], marker="o", label=name)
-    if "empty_prediction_dsc" in results:
-        ax.axhline(100 * results["empty_prediction_dsc"], color="grey", linestyle="--", label="empty prediction")
-    ax.set_xlabel("minutes of training (2 CPU cores)")
-    ax.set_ylabel("held-out tumor DSC (%), complete truth")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    recipes = sorted(results["recipes"].items())
+    long_runs = [(n, pts) for n, pts in recipes if max(p["minutes"] for p in pts) > SHORT_BUDGET_MINUTES]
+    short_runs = [(n, pts) for n, pts in recipes if max(p["minutes"] for p in pts) <= SHORT_BUDGET_MINUTES]
+    panels = [("long runs", long_runs), (f"budgets up to {SHORT_BUDGET_MINUTES:g} minutes (levers)", short_runs)]
+    panels = [(title, runs) for title, runs in panels if runs]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.2), sharey=True, squeeze=False)
+    for ax, (title, runs) in zip(axes[0], panels):
+        for name, points in runs:
+            ax.plot([p["minutes"] for p in points], [100 * p["tumor_dsc"] for p in points], marker="o", label=name)
+        if "empty_prediction_dsc" in results:
+            ax.axhline(100 * results["empty_prediction_dsc"], color="grey", linestyle="--", label="empty prediction")
+        ax.set_title(title)
+        ax.set_xlabel("minutes of training (2 CPU cores)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("held-out tumor DSC (%), complete truth")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
