@@ -87,11 +87,10 @@ def main(argv: list[str] | None = None) -> int:
             continue
         ct = read_volume(args.work / "raw" / "imagesTr" / f"{case_id}_0000.nii.gz").array
         voxel_mm3 = float(np.prod(truth_volume.spacing_zyx_mm))
+        found = {snapshot.name: found_lesions(read_volume(snapshot / "tumor" / f"{case_id}.nii.gz").array > 0, truth)
+                 for snapshot in snapshots}
         for row in lesion_table(ct, truth, voxel_mm3):
-            for snapshot in snapshots:
-                prediction = read_volume(snapshot / "tumor" / f"{case_id}.nii.gz").array > 0
-                row[snapshot.name] = row["index"] in found_lesions(prediction, truth)
-            lesions.append({"case_id": case_id, **row})
+            lesions.append({"case_id": case_id, **row, **{name: row["index"] in ids for name, ids in found.items()}})
 
     volume_edges = terciles([row["volume_mm3"] for row in lesions])
     contrast_edges = terciles([row["contrast"] for row in lesions])
